@@ -1,0 +1,152 @@
+"""Evaluation metrics (pass@k, avg@k, distinct-n, entropy) and metric writers.
+
+Pass@k is the unbiased estimator of Chen et al. (2021, "Evaluating Large Language Models Trained on
+Code", Eq. 1): with n samples of which c are correct, pass@k = 1 - C(n-c, k) / C(n, k), computed as a
+numerically stable product. Avg@k is the mean accuracy over the k samples (the LAD paper's Avg@k).
+Distinct-n (Li et al., 2016) is the number of distinct n-grams over the total number of n-grams.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Iterable, Mapping, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
+  """Unbiased pass@k for one problem: 1 - C(n - c, k) / C(n, k) (Chen et al. 2021, Eq. 1).
+
+  Raises:
+    ValueError: if k > n, c > n or any argument is negative.
+  """
+  n, c = int(num_samples), int(num_correct)
+  if k < 1 or n < 0 or c < 0 or c > n:
+    raise ValueError(f"pass_at_k needs 1 <= k, 0 <= c <= n; got n={n}, c={c}, k={k}.")
+  if k > n:
+    raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}.")
+  if n - c < k:
+    return 1.0
+  # prod_{i=n-c+1}^{n} (1 - k / i) = C(n-c, k) / C(n, k), without huge binomials.
+  return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1, dtype=np.float64)))
+
+
+def pass_at_k_mean(correct: Sequence[Sequence[bool]], k: int) -> float:
+  """Mean unbiased pass@k over problems; `correct[i]` lists the verdicts of problem i's samples."""
+  if not correct:
+    raise ValueError("pass_at_k_mean needs at least one problem.")
+  return float(np.mean([pass_at_k(len(c), int(np.sum(c)), k) for c in correct]))
+
+
+def avg_at_k(correct: Sequence[Sequence[bool]]) -> float:
+  """Avg@k: mean accuracy over all samples of all problems (each problem weighted equally)."""
+  if not correct:
+    raise ValueError("avg_at_k needs at least one problem.")
+  return float(np.mean([np.mean(np.asarray(c, np.float64)) for c in correct]))
+
+
+def ngrams(tokens: Sequence[Any], n: int) -> list[tuple]:
+  """All contiguous n-grams of a token sequence."""
+  return [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+
+
+def distinct_n(sequences: Iterable[Sequence[Any]], n: int) -> float:
+  """Distinct-n over a set of responses: |unique n-grams| / |n-grams| (0 when there are none).
+
+  `sequences` are token lists (ids or words); for text, pass `text.split()`.
+  """
+  total, unique = 0, set()
+  for seq in sequences:
+    grams = ngrams(list(seq), n)
+    total += len(grams)
+    unique.update(grams)
+  return len(unique) / total if total else 0.0
+
+
+def distinct_correct(responses: Sequence[str], correct: Sequence[bool]) -> int:
+  """Number of distinct correct solutions (after whitespace normalisation) among a group."""
+  if len(responses) != len(correct):
+    raise ValueError(f"{len(responses)} responses but {len(correct)} verdicts.")
+  return len({" ".join(r.split()) for r, ok in zip(responses, correct) if ok})
+
+
+def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
+  """Per-position entropy H = logsumexp(z) - sum softmax(z) z of softmax(logits / temperature).
+
+  Args:
+    logits: [..., V] (any float dtype; computed in fp32).
+    temperature: the sampling temperature the logits are divided by (verl does the same).
+
+  Returns:
+    [...] entropy in nats, fp32.
+  """
+  z = logits.astype(jnp.float32) / temperature
+  logz = jax.nn.logsumexp(z, axis=-1)
+  return logz - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
+
+
+class MetricWriter:
+  """Writes scalar metrics as JSON lines and, if tensorboardX is importable, TensorBoard events.
+
+  Only process 0 writes on multi-host runs.
+  """
+
+  def __init__(self, logdir: str, *, tensorboard: bool = True):
+    self.logdir = logdir
+    self._active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    if not self._active:
+      return
+    os.makedirs(logdir, exist_ok=True)
+    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+    if tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(logdir)
+      except ImportError:
+        self._tb = None
+
+  def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    if not self._active:
+      return
+    scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    record = {"step": int(step), "time": time.time(), **scalars}
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, int(step))
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+      self._jsonl = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+  def __enter__(self) -> "MetricWriter":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+def read_jsonl(path: str) -> list[dict[str, Any]]:
+  """Reads a metrics.jsonl file back (for tests and plots)."""
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def summarize(values: Sequence[float]) -> Optional[dict[str, float]]:
+  """mean / std / min / max of a list (None when empty)."""
+  if len(values) == 0:  # pylint: disable=g-explicit-length-test
+    return None
+  a = np.asarray(values, np.float64)
+  return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}
