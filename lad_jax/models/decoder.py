@@ -1,0 +1,443 @@
+"""Flax (linen) decoder for the Llama / Qwen2 family, with a static-size KV cache.
+
+  cfg = ModelConfig.from_hf(model_dir)
+  model = Decoder(cfg)
+  out = model.apply({"params": params}, tokens_BT, mask_BT=mask_BT)        # full forward
+  logits_BTV, cache, hidden_BTD = out   # DecoderOutput; cache None here, hidden only with
+                                        # return_hidden=True (FlowRL's last hidden state)
+
+  cache = KVCache.init(cfg, batch_size=B, max_length=S)
+  out = model.apply({"params": params}, prompt_BT, mask_BT=prompt_mask_BT, cache=cache)   # prefill
+  out = model.apply({"params": params}, next_B1, cache=out.cache)                        # decode
+
+Parameter names mirror the Hugging Face checkpoints (`embed_tokens`, `layers/self_attn/q_proj`,
+...); the layers are one `nn.scan`, so every layer parameter has a leading [L] axis.
+
+Masking: `mask_BT` is 0/False on padding; other values are segment ids, and a token attends to
+earlier (causal) non-padding tokens of its own segment only. A bool mask is one segment per row.
+Positions (for RoPE) default to the number of non-padding tokens before each token in its row
+(continuing from the cache), which makes left- and right-padded prompts of different lengths
+give the same result as the unpadded ones. Packed rows need explicit `positions_BT`.
+
+KV cache: tokens are written at slots [index, index + T) for all rows together ("lock step");
+attention runs over all S slots with empty / padding slots masked out. The caller must keep
+index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies each prompt's
+cache to G samples. Without a cache, attention skips the causally masked blocks
+(`cfg.attention_block_size`).
+
+Precision: parameters in `cfg.param_dtype`, matmuls in `cfg.dtype` with float32 accumulation
+for attention scores and logits; RMSNorm, RoPE and softmax in float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lad_jax import sharding
+from lad_jax.models import rope
+from lad_jax.models.config import ModelConfig
+
+Array = jax.Array
+
+# Logical axes of activations at block edges.
+ACT_BTD = ("activation_batch", "activation_length", "activation_embed")
+ACT_BTNH = ("activation_batch", "activation_length", "activation_heads", None)
+ACT_BKTH = ("activation_batch", "activation_kv_heads", "activation_length", None)
+ACT_BTF = ("activation_batch", "activation_length", "activation_mlp")
+ACT_BTV = ("activation_batch", "activation_length", "activation_vocab")
+CACHE_BKSH = ("cache_batch", "cache_kv_heads", "cache_sequence", None)
+
+# Finite, so a row with every key masked (a padding query) gives a uniform softmax, not NaN;
+# far below any score, far from float32's -max so adding a score cannot overflow.
+_MASK_VALUE = -1e30
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Static-size key/value cache for all layers.
+
+  Attributes:
+    k, v: [L, B, K, S, H] keys (after RoPE) and values, head-major so attention reads them
+      without a transpose.
+    segment_ids: [B, S] int32 segment id of each slot; 0 = empty or padding (never attended).
+    index: [] int32 next slot to write (shared by all rows).
+    next_position: [B] int32 RoPE position of the next non-padding token of each row.
+  """
+
+  k: Array
+  v: Array
+  segment_ids: Array
+  index: Array
+  next_position: Array
+
+  @classmethod
+  def init(cls, cfg: ModelConfig, *, batch_size: int, max_length: int,
+           dtype: Any = None) -> KVCache:
+    """An empty cache; `dtype` defaults to `cfg.dtype`."""
+    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+    dtype = cfg.dtype if dtype is None else dtype
+    return cls(
+        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+        index=jnp.zeros((), jnp.int32),
+        next_position=jnp.zeros((batch_size,), jnp.int32))
+
+  @property
+  def max_length(self) -> int:
+    return self.k.shape[3]
+
+  @property
+  def batch_size(self) -> int:
+    return self.k.shape[1]
+
+  def repeat(self, n: int) -> KVCache:
+    """Each row repeated n times ([B] -> [B * n], rows of one prompt adjacent): G samples."""
+    return KVCache(
+        k=jnp.repeat(self.k, n, axis=1), v=jnp.repeat(self.v, n, axis=1),
+        segment_ids=jnp.repeat(self.segment_ids, n, axis=0), index=self.index,
+        next_position=jnp.repeat(self.next_position, n, axis=0))
+
+  @staticmethod
+  def logical_axes() -> KVCache:
+    """Logical axis names of every field, for `sharding.logical_shardings`."""
+    kv = ("cache_layers",) + CACHE_BKSH
+    return KVCache(k=kv, v=kv, segment_ids=("cache_batch", "cache_sequence"), index=(),
+                   next_position=("cache_batch",))
+
+
+class DecoderOutput(NamedTuple):
+  """logits [B, T, V] (None if compute_logits=False), the updated cache (None without one),
+  and the final-norm hidden states [B, T, D] (None unless return_hidden=True)."""
+
+  logits: Optional[Array]
+  cache: Optional[KVCache]
+  hidden: Optional[Array]
+
+
+class LogicalAxes(nn.LogicallyPartitioned):
+  """Logical axis names of a parameter, read by `nn.get_partition_spec`.
+
+  Unlike flax's `LogicallyPartitioned`, unboxing never adds a sharding constraint: flax's
+  would use its rules without checking divisibility (9 heads on tensor=2 fail). Placement is
+  done by jit in/out shardings from `sharding.logical_shardings`, which drops uneven axes.
+  """
+
+  def unbox(self, apply_constraint: bool = True) -> Any:
+    del apply_constraint
+    return self.value
+
+
+def _init(cfg: ModelConfig, axes: tuple[Optional[str], ...], kind: str = "normal"):
+  if kind == "normal":
+    base = nn.initializers.normal(stddev=cfg.initializer_range)
+  elif kind == "ones":
+    base = nn.initializers.ones
+  else:
+    base = nn.initializers.zeros
+  return lambda *args: LogicalAxes(base(*args), names=axes)
+
+
+class RMSNorm(nn.Module):
+  """y = x / rms(x) * scale, normalised in float32 (as HF does), scaled in the compute dtype."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    scale_D = self.param("scale", _init(cfg, ("norm",), "ones"), (x_BTD.shape[-1],),
+                         jnp.dtype(cfg.param_dtype))
+    x = x_BTD.astype(jnp.float32)
+    x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + cfg.rms_norm_eps)
+    return x.astype(cfg.dtype) * scale_D.astype(cfg.dtype)[None, None, :]
+
+
+class Linear(nn.Module):
+  """y = x @ kernel (+ bias) contracting the trailing `len(in_shape)` dims of x.
+
+  kernel has shape in_shape + out_shape with logical axes in_axes + out_axes (torch's [out, in]
+  weight transposed, with heads split out), so head-sharded projections need no reshape.
+  """
+
+  cfg: ModelConfig
+  in_shape: tuple[int, ...]
+  out_shape: tuple[int, ...]
+  in_axes: tuple[Optional[str], ...]
+  out_axes: tuple[Optional[str], ...]
+  use_bias: bool = False
+  fp32_accumulation: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    cfg = self.cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    kernel = self.param("kernel", _init(cfg, self.in_axes + self.out_axes),
+                        self.in_shape + self.out_shape, pdt)
+    n_in, n_out = len(self.in_shape), len(self.out_shape)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(
+        x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())),
+        preferred_element_type=jnp.float32 if self.fp32_accumulation else None)
+    if self.use_bias:
+      bias = self.param("bias", _init(cfg, self.out_axes, "zeros"), self.out_shape, pdt)
+      y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - n_out) + self.out_shape)
+    return y
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array) -> Array:
+    cfg = self.cfg
+    d, f = (cfg.hidden_size,), (cfg.intermediate_size,)
+    gate = Linear(cfg, d, f, ("embed",), ("mlp",), name="gate_proj")(x_BTD)
+    up = Linear(cfg, d, f, ("embed",), ("mlp",), name="up_proj")(x_BTD)
+    h_BTF = sharding.constrain(nn.silu(gate) * up, ACT_BTF)
+    return Linear(cfg, f, d, ("mlp",), ("embed",), name="down_proj")(h_BTF)
+
+
+def _attend_einsum(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
+                   cfg: ModelConfig) -> Array:
+  """Grouped-query attention without repeating k/v: queries grouped [B, K, G, T, H].
+
+  Head-major operands keep both einsums plain batched matmuls (batch b, k); XLA:CPU runs the
+  token-major spelling ("btkgh,bskh->...") about 4x slower.
+  """
+  b, t, _, h = q_BTNH.shape
+  q_BKGTH = q_BTNH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, h).transpose(0, 2, 3, 1, 4)
+  scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH,
+                            preferred_element_type=jnp.float32)
+  # An additive bias made once per [B, T, S] (not per head) fuses into the softmax far better
+  # than a select on the broadcast mask (~1.7x faster softmax on XLA:CPU).
+  bias_BTS = jnp.where(mask_BTS, 0.0, _MASK_VALUE).astype(jnp.float32)
+  scores_BKGTS = scores_BKGTS + bias_BTS[:, None, None, :, :]
+  probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+  out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, h)
+
+
+def _attend_causal_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, mask_BTT: Array,
+                          cfg: ModelConfig) -> Array:
+  """`_attend_einsum` per block of `cfg.attention_block_size` queries, each against only the
+  keys at or before its last position: causal masking makes the rest zero anyway, so this
+  skips about half the score and value FLOPs (and memory) of a long no-cache forward."""
+  t, c = q_BTNH.shape[1], cfg.attention_block_size
+  outs = []
+  for start in range(0, t, c):
+    end = min(start + c, t)
+    outs.append(_attend_einsum(q_BTNH[:, start:end], k_BKTH[:, :, :end], v_BKTH[:, :, :end],
+                               mask_BTT[:, start:end, :end], cfg))
+  return jnp.concatenate(outs, axis=1)
+
+
+def _attend_jax(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
+                cfg: ModelConfig) -> Array:
+  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when shapes allow)."""
+  del cfg
+  # A query whose keys are all masked (padding) would give NaN; let it see every slot instead:
+  # its output is never used, and NaN-free values keep 0 * value = 0 in later layers.
+  has_key_BT1 = jnp.any(mask_BTS, axis=-1, keepdims=True)
+  mask_BTS = mask_BTS | ~has_key_BT1
+  k_BSKH, v_BSKH = k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3)
+  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :],
+                                      scale=1.0)  # q is pre-scaled
+
+
+class Attention(nn.Module):
+  """GQA self-attention with RoPE, optional q/k/v (and o) bias, optional KV cache."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, sin_BTh: Array, cos_BTh: Array, mask_BTS: Array,
+               layer_cache: Optional[tuple[Array, Array]], cache_index: Optional[Array]
+               ) -> tuple[Array, Optional[tuple[Array, Array]]]:
+    cfg = self.cfg
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = Linear(cfg, (d,), (n, h), ("embed",), ("q_heads", "head_dim"), cfg.qkv_bias,
+               name="q_proj")(x_BTD)
+    kk = Linear(cfg, (d,), (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias,
+                name="k_proj")(x_BTD)
+    v = Linear(cfg, (d,), (k, h), ("embed",), ("kv_heads", "head_dim"), cfg.qkv_bias,
+               name="v_proj")(x_BTD)
+    # Scaling q (T*N*H values) is cheaper than scaling the scores (T*S*N).
+    q_BTNH = sharding.constrain(
+        rope.apply_rope(q * jnp.asarray(h ** -0.5, q.dtype), sin_BTh, cos_BTh), ACT_BTNH)
+    k_BKTH = sharding.constrain(
+        rope.apply_rope(kk, sin_BTh, cos_BTh).transpose(0, 2, 1, 3), ACT_BKTH)
+    v_BKTH = sharding.constrain(v.transpose(0, 2, 1, 3), ACT_BKTH)
+    new_cache = None
+    if layer_cache is not None:
+      ck, cv = layer_cache
+      ck = jax.lax.dynamic_update_slice(ck, k_BKTH.astype(ck.dtype), (0, 0, cache_index, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v_BKTH.astype(cv.dtype), (0, 0, cache_index, 0))
+      ck, cv = sharding.constrain(ck, CACHE_BKSH), sharding.constrain(cv, CACHE_BKSH)
+      new_cache = (ck, cv)
+      k_BKSH, v_BKSH = ck.astype(cfg.dtype), cv.astype(cfg.dtype)
+    else:
+      k_BKSH, v_BKSH = k_BKTH, v_BKTH
+    if cfg.attention_impl == "jax":
+      attend = _attend_jax
+    elif layer_cache is None and 0 < cfg.attention_block_size < x_BTD.shape[1]:
+      attend = _attend_causal_blocks  # key slot == query slot index: causal blocks are static
+    else:
+      attend = _attend_einsum
+    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, cfg)
+    out_BTNH = sharding.constrain(out_BTNH, ACT_BTNH)
+    out = Linear(cfg, (n, h), (d,), ("q_heads", "head_dim"), ("embed",), cfg.o_bias,
+                 name="o_proj")(out_BTNH)
+    return out, new_cache
+
+
+class Block(nn.Module):
+  """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)). Scanned over layers."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BTD: Array, layer_cache: Optional[tuple[Array, Array]],
+               sin_BTh: Array, cos_BTh: Array, mask_BTS: Array,
+               cache_index: Optional[Array]) -> tuple[Array, Optional[tuple[Array, Array]]]:
+    cfg = self.cfg
+    h = RMSNorm(cfg, name="input_layernorm")(x_BTD)
+    a, new_cache = Attention(cfg, name="self_attn")(h, sin_BTh, cos_BTh, mask_BTS, layer_cache,
+                                                    cache_index)
+    x_BTD = sharding.constrain(x_BTD + a, ACT_BTD)
+    h = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
+    x_BTD = sharding.constrain(x_BTD + Mlp(cfg, name="mlp")(h), ACT_BTD)
+    return x_BTD, new_cache
+
+
+class Embed(nn.Module):
+  """Token embedding [V, D]; `attend` is the tied LM head (float32 accumulation)."""
+
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    self.embedding = self.param("embedding", _init(cfg, ("vocab", "embed")),
+                                (cfg.vocab_size, cfg.hidden_size), jnp.dtype(cfg.param_dtype))
+
+  def __call__(self, tokens_BT: Array) -> Array:
+    return jnp.take(self.embedding, tokens_BT, axis=0).astype(self.cfg.dtype)
+
+  def attend(self, hidden_BTD: Array) -> Array:
+    return jnp.einsum("btd,vd->btv", hidden_BTD, self.embedding.astype(self.cfg.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def _segments(mask_BT: Optional[Array], shape: tuple[int, int]) -> Array:
+  if mask_BT is None:
+    return jnp.ones(shape, jnp.int32)
+  if mask_BT.shape != shape:
+    raise ValueError(f"mask_BT has shape {mask_BT.shape}, tokens have {shape}.")
+  return mask_BT.astype(jnp.int32)
+
+
+def default_positions(mask_BT: Array, start_B: Optional[Array] = None) -> Array:
+  """RoPE positions [B, T]: non-padding tokens before each token (+ start), padding clipped."""
+  valid = (mask_BT != 0).astype(jnp.int32)
+  pos = jnp.cumsum(valid, axis=1) - 1
+  if start_B is not None:
+    pos = pos + start_B[:, None]
+  return jnp.maximum(pos, 0)
+
+
+class Decoder(nn.Module):
+  """Llama / Qwen2 decoder-only LM. See the module docstring for the calling convention."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BT: Array, *, positions_BT: Optional[Array] = None,
+               mask_BT: Optional[Array] = None, cache: Optional[KVCache] = None,
+               return_hidden: bool = False, compute_logits: bool = True) -> DecoderOutput:
+    """Runs the decoder on [B, T] tokens.
+
+    Args:
+      tokens_BT: int token ids.
+      positions_BT: RoPE positions; default `default_positions(mask_BT, cache.next_position)`.
+      mask_BT: 0 / False = padding; else segment id (bool -> one segment). Default: all valid.
+      cache: a KVCache to read and extend (prefill or decode); None = no cache.
+      return_hidden: also return the final-norm hidden states [B, T, D].
+      compute_logits: False skips the LM head (use `logprobs.token_logprobs` on the hidden).
+
+    Returns:
+      DecoderOutput(logits [B, T, V] in cfg.logits_dtype, updated cache, hidden).
+    """
+    cfg = self.cfg
+    b, t = tokens_BT.shape
+    seg_BT = _segments(mask_BT, (b, t))
+    if positions_BT is None:
+      positions_BT = default_positions(seg_BT, None if cache is None else cache.next_position)
+    sin_BTh, cos_BTh = rope.sin_cos(positions_BT, cfg)
+
+    # Attention mask [B, T, S]: same segment, key not padding, key slot <= query slot.
+    if cache is None:
+      seg_k_BS, q_slot, k_slot = seg_BT, jnp.arange(t), jnp.arange(t)
+      layer_caches, index = None, None
+    else:
+      if cache.batch_size != b:
+        raise ValueError(f"cache has batch size {cache.batch_size}, tokens have {b}.")
+      if t > cache.max_length:
+        raise ValueError(f"{t} tokens do not fit a cache of max_length {cache.max_length}.")
+      index = cache.index
+      seg_k_BS = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
+      q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache.max_length)
+      layer_caches = (cache.k, cache.v)
+    mask_BTS = ((seg_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
+                & (k_slot[None, None, :] <= q_slot[None, :, None]))
+
+    embed = Embed(cfg, name="embed_tokens")
+    x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
+
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        unroll=min(cfg.scan_unroll, cfg.num_layers),
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="layers")
+    x_BTD, new_layer_caches = layers(x_BTD, layer_caches, sin_BTh, cos_BTh, mask_BTS, index)
+
+    hidden_BTD = RMSNorm(cfg, name="norm")(x_BTD)
+
+    logits = None
+    if compute_logits:
+      if cfg.tie_word_embeddings:
+        logits = embed.attend(hidden_BTD)
+      else:
+        logits = Linear(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",),
+                        fp32_accumulation=True, name="lm_head")(hidden_BTD)
+      logits = sharding.constrain(logits.astype(cfg.logits_dtype), ACT_BTV)
+
+    new_cache = None
+    if cache is not None:
+      valid_BT = seg_BT != 0
+      last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
+      new_cache = KVCache(
+          k=new_layer_caches[0], v=new_layer_caches[1], segment_ids=seg_k_BS,
+          index=index + t,
+          next_position=jnp.where(jnp.any(valid_BT, axis=1), last_pos_B + 1,
+                                  cache.next_position))
+    return DecoderOutput(logits=logits, cache=new_cache,
+                         hidden=hidden_BTD if return_hidden else None)

@@ -1,0 +1,434 @@
+"""Grouped rollouts with a KV cache: prefill each prompt once, decode G samples per prompt.
+
+  sampler = Sampler(model, eos_ids=cfg.eos_token_ids, pad_id=pad_id, mesh=mesh)
+  out = sampler.sample(params, prompts, key, group_size=8, max_new_tokens=1024,
+                       temperature=1.0)
+  tokens_NL = jnp.concatenate([out.prompt_tokens, out.response_tokens], axis=1)
+  mask_NL = jnp.concatenate([out.prompt_mask, out.response_mask], axis=1)
+
+How a call runs (DESIGN §4):
+  1. The P prompts are left-padded to a *prompt bucket* Tp (the smallest of `prompt_buckets`
+     that fits the longest prompt) and prefilled once into a cache of Tp + R slots, where R is
+     the *response bucket* (the smallest of `response_buckets` >= max_new_tokens).
+  2. The cache and the last-position logits are repeated G times (`KVCache.repeat`), so the G
+     samples of a prompt are adjacent rows: N = P * G.
+  3. A jitted `lax.while_loop` samples one token per row and step, feeds it back through the
+     cache, and exits as soon as every row has emitted an EOS or max_new_tokens is reached.
+     Shapes are static, so a run compiles once per (Tp, R, P, G, sampling params) key; the
+     compiled functions are cached on the sampler (`num_traces` counts traces, for tests).
+
+Sampling (fp32): `logits / temperature`, then top-k, then top-p (HF's order), each masking
+logits to -inf so the rest renormalise; a token is drawn from that distribution and `logp` is its
+log-probability under exactly that distribution. `temperature=0` means greedy decoding
+(argmax, first index on ties); then `logp` is the log-probability under the *untempered*
+(temperature 1) model distribution, since the point mass actually sampled from would give 0
+everywhere and `forward_logprobs` cannot be evaluated at temperature 0.
+
+Truncation and the importance ratio: top-p / top-k change the behaviour policy. With them off
+(the default, and what training rollouts should use) `logp` equals
+`forward_logprobs(..., temperature=T)` of the same tokens, so the trainer may recompute or reuse
+it. With them on, `logp` is of the *truncated* distribution, which `forward_logprobs` does not
+compute: a trainer that uses such rollouts must score the same truncated distribution, or the
+ratio pi_theta / pi_old is biased.
+
+Randomness: step i draws with `fold_in(key, i)` (one key per step for all rows; the threefry
+bits do not depend on how the batch is sharded), so a key fixes the output, sharded or not.
+
+Stop strings are checked on the host after decoding (they need the tokenizer): a row is cut
+after the first token whose decoded prefix contains a stop string (that token is kept, like an
+EOS), the rest is masked, logp zeroed, tokens set to pad_id, and the row counts as stopped (not
+truncated). The while loop does not know about them, so it may decode past a stop string.
+"""
+
+from __future__ import annotations
+
+import bisect
+from typing import Any, Optional, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lad_jax import sharding
+from lad_jax.models import logprobs as logprobs_lib
+from lad_jax.models import params as params_lib
+from lad_jax.models.decoder import Decoder, KVCache
+
+Array = jax.Array
+
+DEFAULT_PROMPT_BUCKETS = (64, 128, 256, 512, 1024, 2048)
+
+
+@flax.struct.dataclass
+class SampleOutput:
+  """Rollouts of N = num_prompts * G rows (the G rows of one prompt adjacent).
+
+  Attributes:
+    prompt_tokens: [N, P] int32 prompts, LEFT-padded with pad_id to the prompt bucket P.
+    prompt_mask: [N, P] bool, True on prompt tokens.
+    response_tokens: [N, R] int32, R = response bucket >= max_new_tokens; pad_id after the end.
+    response_mask: [N, R] bool, True on generated tokens up to and including EOS / stop.
+    logp: [N, R] float32 log-prob of each response token under the distribution it was sampled
+      from (temperature, and top-p / top-k if on); 0 where response_mask is False.
+    truncated: [N] bool, no EOS / stop string within max_new_tokens.
+    lengths: [N] int32 response tokens per row (EOS included).
+  """
+
+  prompt_tokens: Array
+  prompt_mask: Array
+  response_tokens: Array
+  response_mask: Array
+  logp: Array
+  truncated: Array
+  lengths: Array
+
+
+def _pick_bucket(length: int, buckets: Sequence[int], what: str, fix: str) -> int:
+  i = bisect.bisect_left(buckets, length)
+  if i == len(buckets):
+    raise ValueError(f"{what} of {length} exceeds the largest bucket {buckets[-1]} "
+                     f"(buckets: {list(buckets)}); {fix}.")
+  return buckets[i]
+
+
+def _check_buckets(buckets: Optional[Sequence[int]], name: str) -> Optional[tuple[int, ...]]:
+  if buckets is None:
+    return None
+  out = tuple(sorted(int(b) for b in buckets))
+  if not out or out[0] <= 0:
+    raise ValueError(f"{name} must be a non-empty list of positive lengths, got {buckets!r}.")
+  return out
+
+
+def truncate_logits(logits_NV: Array, *, top_k: int = 0, top_p: float = 1.0) -> Array:
+  """Top-k, then top-p (nucleus) truncation: dropped logits become -inf (fp32).
+
+  top-k keeps the k largest logits (ties at the k-th are all kept); top-p keeps the smallest
+  prefix of the descending-sorted distribution whose mass reaches top_p (the token that crosses
+  top_p is kept, so at least one token survives; ties at the threshold are all kept).
+
+  Args:
+    logits_NV: [N, V] logits, already divided by the temperature.
+    top_k: 0 (or >= V) disables it.
+    top_p: 1.0 disables it.
+
+  Returns:
+    [N, V] float32 logits; softmax of them is the renormalised truncated distribution.
+  """
+  logits_NV = logits_NV.astype(jnp.float32)
+  v = logits_NV.shape[-1]
+  if 0 < top_k < v:
+    kth_N1 = jax.lax.top_k(logits_NV, top_k)[0][:, -1:]
+    logits_NV = jnp.where(logits_NV < kth_N1, -jnp.inf, logits_NV)
+  if top_p < 1.0:
+    sorted_NV = -jnp.sort(-logits_NV, axis=-1)
+    probs_NV = jax.nn.softmax(sorted_NV, axis=-1)
+    mass_before_NV = jnp.cumsum(probs_NV, axis=-1) - probs_NV
+    keep_NV = mass_before_NV < top_p
+    thresh_N1 = jnp.min(jnp.where(keep_NV, sorted_NV, jnp.inf), axis=-1, keepdims=True)
+    logits_NV = jnp.where(logits_NV < thresh_N1, -jnp.inf, logits_NV)
+  return logits_NV
+
+
+def sample_logits(logits_NV: Array, key: Array, *, temperature: float, top_k: int = 0,
+                  top_p: float = 1.0) -> tuple[Array, Array]:
+  """Draws one token per row; returns (tokens [N] int32, logp [N] float32).
+
+  logp is log softmax(truncate(logits / temperature))[token]: the log-probability under the
+  distribution actually sampled from. temperature == 0 is greedy (argmax) and returns the
+  temperature-1 log-probability (see the module docstring).
+  """
+  logits_NV = logits_NV.astype(jnp.float32)
+  if temperature == 0.0:
+    tokens_N = jnp.argmax(logits_NV, axis=-1).astype(jnp.int32)
+    logp_NV = jax.nn.log_softmax(logits_NV, axis=-1)
+  else:
+    logits_NV = truncate_logits(logits_NV / temperature, top_k=top_k, top_p=top_p)
+    tokens_N = jax.random.categorical(key, logits_NV, axis=-1).astype(jnp.int32)
+    logp_NV = jax.nn.log_softmax(logits_NV, axis=-1)
+  logp_N = jnp.take_along_axis(logp_NV, tokens_N[:, None], axis=-1)[:, 0]
+  return tokens_N, logp_N
+
+
+def _as_typed_key(key: Any) -> Array:
+  key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    return key
+  if key.dtype != jnp.uint32:
+    raise ValueError(f"key must be a jax.random.key or uint32 key data, got dtype {key.dtype}.")
+  return jax.random.wrap_key_data(key)
+
+
+class Sampler:
+  """Batched, grouped sampling from a `Decoder` with a static-shape KV cache.
+
+  Args:
+    model: the decoder (its `cfg` fixes the cache shapes and dtype).
+    eos_ids: token ids that end a response (any of them); may be empty (then only
+      max_new_tokens and stop strings end one).
+    pad_id: id written into prompt padding and into response slots after the end.
+    mesh: a device mesh (`sharding.make_mesh`); rows are sharded over data/fsdp, parameters and
+      the cache's kv heads by `sharding.DEFAULT_RULES`. None = one device.
+    prompt_buckets: allowed padded prompt lengths.
+    response_buckets: allowed response lengths R; None = R is exactly max_new_tokens.
+    stop_strings: strings that end a response (checked on the host, see the module docstring).
+    tokenizer: a transformers tokenizer; needed (only) for stop_strings.
+  """
+
+  def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int,
+               mesh: Optional[Mesh] = None,
+               prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
+               response_buckets: Optional[Sequence[int]] = None,
+               stop_strings: Sequence[str] = (), tokenizer: Any = None):
+    self.model = model
+    self.cfg = model.cfg
+    self.eos_ids = tuple(int(e) for e in eos_ids)
+    self.pad_id = int(pad_id)
+    vocab = self.cfg.vocab_size
+    for name, ids in (("eos_ids", self.eos_ids), ("pad_id", (self.pad_id,))):
+      bad = [i for i in ids if not 0 <= i < vocab]
+      if bad:
+        raise ValueError(f"{name} {bad} outside the vocabulary [0, {vocab}).")
+    self.mesh = mesh
+    self.prompt_buckets = _check_buckets(prompt_buckets, "prompt_buckets")
+    self.response_buckets = _check_buckets(response_buckets, "response_buckets")
+    self.stop_strings = tuple(stop_strings)
+    if self.stop_strings and tokenizer is None:
+      raise ValueError("stop_strings need a tokenizer to decode responses; pass tokenizer=.")
+    self.tokenizer = tokenizer
+    self.num_traces = 0  # python side effect of tracing: counts (re)compiles, for tests
+    self._fns: dict[tuple[Any, ...], tuple[Any, Any]] = {}
+    self._param_shardings = None if mesh is None else params_lib.param_shardings(self.cfg, mesh)
+
+  # ---------------------------------------------------------------- sharding helpers
+
+  def _named(self, logical_axes: Sequence[Optional[str]], shape: Sequence[int]):
+    return NamedSharding(self.mesh, sharding.logical_to_spec(tuple(logical_axes), shape,
+                                                             self.mesh))
+
+  def _cache_shardings(self, batch_size: int, max_length: int) -> Any:
+    abstract = jax.eval_shape(
+        lambda: KVCache.init(self.cfg, batch_size=batch_size, max_length=max_length))
+    return sharding.logical_shardings(abstract, KVCache.logical_axes(), self.mesh)
+
+  # ---------------------------------------------------------------- compiled functions
+
+  def _lm_logits(self, params: Any, hidden_ND: Array) -> Array:
+    """fp32 logits of the last hidden states, computed as `logprobs.token_logprobs` does."""
+    w, spec = logprobs_lib.lm_head(params, self.cfg)
+    return jnp.einsum(f"nd,{spec}->nv", hidden_ND.astype(self.cfg.dtype),
+                      w.astype(self.cfg.dtype), preferred_element_type=jnp.float32)
+
+  def _build(self, *, prompt_len: int, response_len: int, num_prompts: int, group_size: int,
+             temperature: float, top_p: float, top_k: int):
+    """(prefill, decode) jitted for one bucket / batch / sampling-params key."""
+    model, cfg = self.model, self.cfg
+    n = num_prompts * group_size
+    max_length = prompt_len + response_len
+    eos_E = np.asarray(self.eos_ids, np.int32)
+    pad_id = self.pad_id
+
+    def prefill(params, tokens_PT, mask_PT):
+      self.num_traces += 1
+      cache = KVCache.init(cfg, batch_size=num_prompts, max_length=max_length)
+      out = model.apply({"params": params}, tokens_PT, mask_BT=mask_PT, cache=cache,
+                        return_hidden=True, compute_logits=False)
+      # Left padding puts every prompt's last token in the last column.
+      logits_PV = self._lm_logits(params, out.hidden[:, -1])
+      logits_NV = jnp.repeat(logits_PV, group_size, axis=0)
+      logits_NV = sharding.constrain(logits_NV, ("activation_batch", "activation_vocab"))
+      return out.cache.repeat(group_size), logits_NV
+
+    def sample_step(i, logits_NV, key, done_N, tokens_NR, logp_NR, mask_NR):
+      tok_N, lp_N = sample_logits(logits_NV, jax.random.fold_in(key, i),
+                                  temperature=temperature, top_k=top_k, top_p=top_p)
+      active_N = ~done_N
+      tok_N = jnp.where(active_N, tok_N, pad_id)
+      lp_N = jnp.where(active_N, lp_N, 0.0)
+      tokens_NR = jax.lax.dynamic_update_slice(tokens_NR, tok_N[:, None], (0, i))
+      logp_NR = jax.lax.dynamic_update_slice(logp_NR, lp_N[:, None], (0, i))
+      mask_NR = jax.lax.dynamic_update_slice(mask_NR, active_N[:, None], (0, i))
+      if eos_E.size:
+        is_eos_N = jnp.any(tok_N[:, None] == jnp.asarray(eos_E)[None, :], axis=-1)
+        done_N = done_N | (active_N & is_eos_N)
+      return tok_N, done_N, tokens_NR, logp_NR, mask_NR
+
+    def decode(params, cache, logits_NV, key, max_new_tokens):
+      """Tokens 0 .. max_new_tokens-1; step i feeds token i-1, then samples token i."""
+      self.num_traces += 1
+      tokens_NR = jnp.full((n, response_len), pad_id, jnp.int32)
+      logp_NR = jnp.zeros((n, response_len), jnp.float32)
+      mask_NR = jnp.zeros((n, response_len), bool)
+      done_N = jnp.zeros((n,), bool)
+      tok_N, done_N, tokens_NR, logp_NR, mask_NR = sample_step(
+          0, logits_NV, key, done_N, tokens_NR, logp_NR, mask_NR)
+
+      def cond(carry):
+        i, _, _, done_N, *_ = carry
+        return (i < max_new_tokens) & ~jnp.all(done_N)
+
+      def body(carry):
+        i, cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR = carry
+        # Finished rows feed padding: it is never attended and leaves their positions alone.
+        out = model.apply({"params": params}, tok_N[:, None], mask_BT=~done_N[:, None],
+                          cache=cache, return_hidden=True, compute_logits=False)
+        logits_NV = sharding.constrain(self._lm_logits(params, out.hidden[:, 0]),
+                                       ("activation_batch", "activation_vocab"))
+        tok_N, done_N, tokens_NR, logp_NR, mask_NR = sample_step(
+            i, logits_NV, key, done_N, tokens_NR, logp_NR, mask_NR)
+        return i + 1, out.cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR
+
+      carry = (jnp.int32(1), cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR)
+      _, cache, _, done_N, tokens_NR, logp_NR, mask_NR = jax.lax.while_loop(cond, body, carry)
+      # The cache is returned so its donated input buffers can be reused in place.
+      return tokens_NR, mask_NR, logp_NR, ~done_N, cache
+
+    if self.mesh is None:
+      return jax.jit(prefill), jax.jit(decode, donate_argnums=(1,))
+    cache_sh = self._cache_shardings(n, max_length)
+    rows_PT = self._named(("batch", None), (num_prompts, prompt_len))
+    rows_NV = self._named(("batch", "activation_vocab"), (n, cfg.vocab_size))
+    rows_NR = self._named(("batch", None), (n, response_len))
+    rows_N = self._named(("batch",), (n,))
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    prefill_fn = jax.jit(prefill, in_shardings=(self._param_shardings, rows_PT, rows_PT),
+                         out_shardings=(cache_sh, rows_NV))
+    decode_fn = jax.jit(decode, in_shardings=(self._param_shardings, cache_sh, rows_NV, rep, rep),
+                        out_shardings=(rows_NR, rows_NR, rows_NR, rows_N, cache_sh),
+                        donate_argnums=(1,))
+    return prefill_fn, decode_fn
+
+  # ---------------------------------------------------------------- public API
+
+  def sample(self, params: Any, prompts: Sequence[Sequence[int]], key: Any, *, group_size: int,
+             max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
+             top_k: int = 0) -> SampleOutput:
+    """G samples of each prompt; deterministic for a key.
+
+    Args:
+      params: decoder parameters (placed into the mesh's parameter shardings if one is set).
+      prompts: host token id lists (no padding), at least one token each.
+      key: a `jax.random.key` (or its uint32 key data).
+      group_size: G, samples per prompt (rows i*G .. i*G+G-1 belong to prompt i).
+      max_new_tokens: the most tokens generated per row (EOS included).
+      temperature: > 0 samples from softmax(logits / temperature); 0 is greedy.
+      top_p: nucleus mass in (0, 1]; 1 = off (keep it off for training rollouts).
+      top_k: keep the k most likely tokens; 0 = off (keep it off for training rollouts).
+
+    Returns:
+      SampleOutput with N = len(prompts) * group_size rows (device arrays).
+    """
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+      raise ValueError("prompts is empty; pass at least one prompt.")
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError("Every prompt needs at least one token (e.g. BOS) to condition on.")
+    vocab = self.cfg.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+      raise ValueError(f"Prompt token ids {sorted(set(bad))[:5]} are outside [0, {vocab}).")
+    if group_size < 1:
+      raise ValueError(f"group_size must be >= 1, got {group_size}.")
+    if max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+    if not temperature >= 0.0:
+      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    if not 0.0 < top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}.")
+    if top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}.")
+
+    prompt_len = _pick_bucket(max(len(p) for p in prompts), self.prompt_buckets,
+                              "A prompt length", "shorten the prompt or add a larger bucket to "
+                              "prompt_buckets")
+    if self.response_buckets is None:
+      response_len = int(max_new_tokens)
+    else:
+      response_len = _pick_bucket(int(max_new_tokens), self.response_buckets, "max_new_tokens",
+                                  "lower it or add a larger bucket to response_buckets")
+    if temperature == 0.0:  # greedy ignores truncation: the argmax survives any of it
+      top_p, top_k = 1.0, 0
+    fn_key = (prompt_len, response_len, len(prompts), int(group_size), float(temperature),
+              float(top_p), int(top_k))
+    if fn_key not in self._fns:
+      self._fns[fn_key] = self._build(
+          prompt_len=prompt_len, response_len=response_len, num_prompts=len(prompts),
+          group_size=int(group_size), temperature=float(temperature), top_p=float(top_p),
+          top_k=int(top_k))
+    prefill_fn, decode_fn = self._fns[fn_key]
+
+    tokens_PT = np.full((len(prompts), prompt_len), self.pad_id, np.int32)
+    mask_PT = np.zeros((len(prompts), prompt_len), bool)
+    for i, p in enumerate(prompts):
+      tokens_PT[i, prompt_len - len(p):] = p
+      mask_PT[i, prompt_len - len(p):] = True
+    key = _as_typed_key(key)
+    max_new = np.int32(max_new_tokens)
+
+    if self.mesh is None:
+      cache, logits_NV = prefill_fn(params, tokens_PT, mask_PT)
+      tokens_NR, mask_NR, logp_NR, truncated_N, _ = decode_fn(params, cache, logits_NV, key,
+                                                              max_new)
+    else:
+      params = jax.device_put(params, self._param_shardings)
+      with sharding.use_mesh(self.mesh):
+        cache, logits_NV = prefill_fn(params, tokens_PT, mask_PT)
+        tokens_NR, mask_NR, logp_NR, truncated_N, _ = decode_fn(params, cache, logits_NV, key,
+                                                                max_new)
+    del cache  # donated
+
+    rows = tokens_NR.sharding  # the prompt side goes where the response rows are
+    out = SampleOutput(
+        prompt_tokens=jax.device_put(np.repeat(tokens_PT, group_size, axis=0), rows),
+        prompt_mask=jax.device_put(np.repeat(mask_PT, group_size, axis=0), rows),
+        response_tokens=tokens_NR, response_mask=mask_NR, logp=logp_NR,
+        truncated=truncated_N, lengths=jnp.sum(mask_NR, axis=1, dtype=jnp.int32))
+    if self.stop_strings:
+      out = apply_stop_strings(out, stop_strings=self.stop_strings, tokenizer=self.tokenizer,
+                               pad_id=self.pad_id)
+    return out
+
+
+def _stop_index(ids: list[int], stop_strings: Sequence[str], tokenizer: Any) -> Optional[int]:
+  """Tokens up to and including the one that completes the first stop string (None: no stop)."""
+  def hit(k):
+    text = tokenizer.decode(ids[:k], skip_special_tokens=False)
+    return any(s in text for s in stop_strings)
+
+  if not ids or not hit(len(ids)):
+    return None
+  lo, hi = 1, len(ids)  # smallest k with hit(k); containment only grows with the prefix
+  while lo < hi:
+    mid = (lo + hi) // 2
+    if hit(mid):
+      hi = mid
+    else:
+      lo = mid + 1
+  return lo
+
+
+def apply_stop_strings(out: SampleOutput, *, stop_strings: Sequence[str], tokenizer: Any,
+                       pad_id: int) -> SampleOutput:
+  """Cuts each response after the token that completes its first stop string (host side).
+
+  That token stays (like an EOS); later ones become pad_id with mask False and logp 0, and the
+  row is no longer `truncated`. Binary search over decoded prefixes: O(log R) decodes per row.
+  """
+  tok = np.array(out.response_tokens)
+  msk = np.array(out.response_mask)
+  lp = np.array(out.logp)
+  trunc = np.array(out.truncated)
+  for r in range(tok.shape[0]):
+    k = _stop_index(tok[r, msk[r]].tolist(), stop_strings, tokenizer)  # mask: a row prefix
+    if k is not None:
+      msk[r, k:] = False
+      tok[r, k:] = pad_id
+      lp[r, k:] = 0.0
+      trunc[r] = False
+  put = lambda new, old: jax.device_put(new, old.sharding)
+  return out.replace(response_tokens=put(tok, out.response_tokens),
+                     response_mask=put(msk, out.response_mask), logp=put(lp, out.logp),
+                     truncated=put(trunc, out.truncated),
+                     lengths=put(msk.sum(axis=1).astype(np.int32), out.lengths))

@@ -1,0 +1,160 @@
+"""Config files and config validation of the RL loop (configs/*.py, lad_jax/config_utils.py)."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import inspect
+import os
+import subprocess
+import sys
+
+import pytest
+
+from lad_jax import config_utils
+from lad_jax import losses
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+PAPER_CONFIGS = ("qwen7b", "deepseek7b_code", "nemotron1p5b", "deepscaler1p5b")
+
+
+def load_config(name: str, arg=None):
+  path = os.path.join(ROOT, "configs", f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_every_expected_config_exists():
+  names = {os.path.basename(p)[:-3] for p in CONFIG_FILES}
+  assert set(PAPER_CONFIGS) | {"smollm2_135m", "tiny"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=lambda p: os.path.basename(p))
+@pytest.mark.parametrize("arg", [None, "smoke"])
+def test_config_loads_and_validates(path, arg):
+  name = os.path.basename(path)[:-3]
+  config = load_config(name, arg)
+  config_utils.validate(config)
+  # The docstring holds the command that runs it.
+  module_doc = open(path, encoding="utf-8").read()
+  assert "experiments/math_rl.py" in module_doc
+  if arg == "smoke":
+    # CPU-sized: a 135M (or tiny random) model, a handful of short rollouts.
+    assert config.model.source in ("gguf", "random")
+    assert config.train.prompts_per_step * config.sampling.group_size <= 16
+    assert config.sampling.max_new_tokens <= 64
+    assert config.train.num_steps <= 3
+
+
+def test_smoke_keeps_the_pipeline():
+  full, small = load_config("qwen7b"), load_config("qwen7b", "smoke")
+  for key in ("data.task", "data.train", "data.eval", "data.template", "verifier.reward",
+              "loss.name", "dynamic_sampling.enabled"):
+    a, b = full, small
+    for part in key.split("."):
+      a, b = a[part], b[part]
+    assert a == b, key
+  assert small.model.source == "gguf" and small.model.path is None
+
+
+def test_qwen7b_is_the_paper_setting():
+  # LAD paper App. C.2 ("Math reasoning") and shared/reference/baselines.md §3 (clip-higher).
+  c = load_config("qwen7b")
+  assert (c.train.prompts_per_step, c.sampling.group_size) == (256, 8)
+  assert c.sampling.max_new_tokens == 8192 and c.sampling.temperature == 1.0
+  assert c.optim.lr == 1e-6 and c.train.mini_batches == 8
+  assert c.loss.name == "lad" and c.loss.hparams.lad.divergence == "js"
+  assert c.loss.hparams.lad.eta == 0.25
+  assert c.dynamic_sampling.enabled
+  assert c.loss.hparams.grpo.eps_high == 0.28 and c.loss.hparams.clip_cov.eps_high == 1.0
+  assert config_utils.eval_sets(c) == ["math500", "aime2024", "aime2025", "amc",
+                                       "olympiadbench", "minerva"]
+  # "For the two 1.5B models, we change the max lengths to 4096" (App. C.2).
+  for name in ("nemotron1p5b", "deepscaler1p5b"):
+    assert load_config(name).sampling.max_new_tokens == 4096
+  code = load_config("deepseek7b_code")  # "The batch size is set to 64 ... learning rate 1e-6"
+  assert code.train.prompts_per_step == 64 and code.optim.lr == 1e-6
+
+
+def test_loss_hparams_cover_every_objective_signature():
+  c = config_utils.base_config()
+  for name in losses.names():
+    fn = losses.get(name).spec.fn
+    params = {p for p, v in inspect.signature(fn).parameters.items()
+              if v.kind == inspect.Parameter.KEYWORD_ONLY and p != "key"}
+    assert set(c.loss.hparams[name].keys()) == params, name
+
+
+@pytest.mark.parametrize("name", [n for n in losses.names() if n != "lad_theoretical"])
+def test_every_objective_can_be_selected(name):
+  c = load_config("tiny")
+  c.loss.name = name
+  config_utils.validate(c)
+
+
+def test_lad_theoretical_is_rejected_for_rollouts():
+  c = load_config("tiny")
+  c.loss.name = "lad_theoretical"
+  with pytest.raises(config_utils.ConfigError, match="use 'lad'"):
+    config_utils.validate(c)
+
+
+def test_unknown_objective_lists_valid_ones():
+  c = load_config("tiny")
+  c.loss.name = "lad_js"
+  with pytest.raises(config_utils.ConfigError, match="valid objectives: .*grpo.*lad"):
+    config_utils.validate(c)
+
+
+def test_unknown_key_is_named_with_its_valid_siblings():
+  c = load_config("tiny")
+  c.optim.lrr = 1e-3
+  with pytest.raises(config_utils.ConfigError, match=r"optim\.lrr.*optim\.lr"):
+    config_utils.validate(c)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda c: setattr(c.train, "mini_batches", 3), "not divisible"),
+    (lambda c: setattr(c.eval, "pass_k", (1, 8)), "pass_k"),
+    (lambda c: setattr(c.data, "train", "sudoku"), "Unknown procedural task"),
+    (lambda c: setattr(c.model, "source", "onnx"), "model.source"),
+    (lambda c: setattr(c.loss.hparams.lad, "divergence", "chi2"), "chi2"),
+])
+def test_bad_values_are_rejected(change, match):
+  c = load_config("tiny")
+  change(c)
+  with pytest.raises(config_utils.ConfigError, match=match):
+    config_utils.validate(c)
+
+
+def test_missing_model_and_data_are_named(tmp_path):
+  c = load_config("qwen7b")
+  c.model.path = str(tmp_path / "no_model")
+  c.data.source_dir = str(tmp_path)
+  with pytest.raises(config_utils.ConfigError) as e:
+    config_utils.check_files(c)
+  msg = str(e.value)
+  assert str(tmp_path / "no_model") in msg and "config.json" in msg
+  assert str(tmp_path / "dapo_math_17k.jsonl") in msg and "math500.jsonl" in msg
+
+
+def _run_cli(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  return subprocess.run([sys.executable, os.path.join(ROOT, "experiments", "math_rl.py"),
+                         *args], capture_output=True, text=True, timeout=120, env=env,
+                        cwd=ROOT, check=False)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (("--config=configs/tiny.py", "--config.loss.name=nope"), "valid objectives"),
+    (("--config=configs/tiny.py", "--config.optim.lrr=1"), 'Did you mean "lr"'),
+    (("--config=configs/qwen7b.py", "--config.model.path=/nonexistent/qwen"),
+     "/nonexistent/qwen"),
+], ids=["unknown_objective", "typo_key", "missing_model"])
+def test_cli_errors_exit_nonzero(args, expected):
+  result = _run_cli(*args)
+  assert result.returncode != 0
+  assert expected in result.stderr, result.stderr[-2000:]

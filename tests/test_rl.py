@@ -1,0 +1,273 @@
+"""The RL loop (lad_jax/rl.py): host-side pieces, two-step runs on 8 devices, exact resume."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from lad_jax import advantages
+from lad_jax import metrics as metrics_lib
+from lad_jax import rl
+from lad_jax.verifiers import Result
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(tmp_dir, name="lad", **changes):
+  spec = importlib.util.spec_from_file_location("config_tiny", os.path.join(ROOT, "configs",
+                                                                            "tiny.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config()
+  c.loss.name = name
+  c.workdir = str(tmp_dir)
+  c.data.data_dir = str(tmp_dir / "data")
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+# ------------------------------------------------------------------------------------------------
+# Host-side pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def fake_task(num_records=32):
+  """Questions in memory; reward = share of digits in the response (varies within groups)."""
+  records = [{"question": f"What is {i} + {i % 7}?"} for i in range(num_records)]
+
+  def score(responses, recs):
+    assert len(responses) == len(recs)
+    out = []
+    for text in responses:
+      share = sum(ch.isdigit() for ch in text) / max(len(text), 1)
+      out.append(Result(reward=share, correct=share >= 0.25, reason="fake"))
+    return out
+
+  return rl.Task(train=records, evals={"fake": records[:4]}, question=lambda r: r["question"],
+                 score=score)
+
+
+class _IdEncoder:
+  _max = 100
+
+  def __call__(self, record):
+    return None if record["n"] % 5 == 4 else [record["n"] + 3]  # every 5th is "too long"
+
+
+def test_prompt_stream_is_a_pure_function_of_its_position():
+  records = [{"n": i} for i in range(12)]
+  a = rl.PromptStream(records, _IdEncoder(), seed=3, shuffle=True)
+  first, _ = a.take(7)
+  second, ids = a.take(9)  # crosses into the second epoch: a new permutation
+  # A stream rebuilt at a saved position continues exactly where the first one was.
+  replay = rl.PromptStream(records, _IdEncoder(), seed=3, shuffle=True)
+  assert replay.take(7)[0] == first
+  resumed = rl.PromptStream(records, _IdEncoder(), seed=3, shuffle=True,
+                            position=replay.position)
+  assert resumed.take(9)[0] == second
+  assert all(r["n"] % 5 != 4 for r in first + second)  # too-long prompts are skipped
+  assert ids == [[r["n"] + 3] for r in second]
+  # One epoch visits every usable record exactly once.
+  c = rl.PromptStream(records, _IdEncoder(), seed=0, shuffle=True)
+  epoch, _ = c.take(10)
+  assert sorted(r["n"] for r in epoch) == [n for n in range(12) if n % 5 != 4]
+  assert c.position == 12
+
+
+def _fake_rollout(correct_PG, *, prompt_len, response_len, tag):
+  p, g = correct_PG.shape
+  n = p * g
+  resp_mask = np.zeros((n, response_len), bool)
+  resp_mask[:, :2] = True
+  return {
+      "prompt_tokens": np.full((n, prompt_len), tag, np.int32),
+      "prompt_mask": np.ones((n, prompt_len), bool),
+      "response_tokens": np.where(resp_mask, tag, 0).astype(np.int32),
+      "response_mask": resp_mask,
+      "logp": np.where(resp_mask, -1.0, 0.0).astype(np.float32),
+      "truncated": np.zeros((n,), bool),
+      "lengths": np.full((n,), 2, np.int32),
+      "rewards": correct_PG.reshape(-1).astype(np.float32),
+      "correct": correct_PG.reshape(-1),
+      "tag": np.arange(n, dtype=np.int32) + 100 * tag,
+  }
+
+
+def test_gather_groups_refills_then_truncates():
+  # Round 0 keeps group 1 only, round 1 keeps groups 0 and 2 (wider prompts / responses).
+  rounds = [
+      _fake_rollout(np.array([[1, 1], [0, 1], [0, 0]], bool), prompt_len=3, response_len=4,
+                    tag=1),
+      _fake_rollout(np.array([[1, 0], [1, 1], [0, 1]], bool), prompt_len=5, response_len=6,
+                    tag=2),
+  ]
+  calls = []
+
+  def generate(i):
+    calls.append(i)
+    return rounds[i]
+
+  batch, num_rounds, filled = rl.gather_groups(
+      generate, num_groups=2, group_size=2, pad_id=0, dynamic_sampling=True,
+      max_gen_batches=5)
+  assert calls == [0, 1] and num_rounds == 2 and filled == 0
+  # Kept in order: round 0 group 1, then round 1 group 0; group 2 of round 1 is cut off.
+  np.testing.assert_array_equal(batch["tag"], [102, 103, 200, 201])
+  assert batch["prompt_tokens"].shape == (4, 5) and batch["response_tokens"].shape == (4, 6)
+  # Left padding of the narrower round: its real tokens stay right-aligned and masked in.
+  np.testing.assert_array_equal(batch["prompt_mask"][0], [False, False, True, True, True])
+  np.testing.assert_array_equal(batch["prompt_tokens"][0, 2:], [1, 1, 1])
+  np.testing.assert_array_equal(batch["response_mask"][0], [True, True] + [False] * 4)
+
+
+def test_gather_groups_shortfall_fills_or_raises():
+  only = _fake_rollout(np.array([[1, 1], [0, 1]], bool), prompt_len=3, response_len=4, tag=1)
+  batch, rounds, filled = rl.gather_groups(
+      lambda i: only, num_groups=2, group_size=2, pad_id=0, dynamic_sampling=True,
+      max_gen_batches=1)
+  assert (rounds, filled) == (1, 1)
+  np.testing.assert_array_equal(batch["tag"], [102, 103, 100, 101])  # kept first, then filled
+  with pytest.raises(RuntimeError, match="max_gen_batches"):
+    rl.gather_groups(lambda i: only, num_groups=2, group_size=2, pad_id=0,
+                     dynamic_sampling=True, max_gen_batches=1, on_shortfall="error")
+  batch, rounds, filled = rl.gather_groups(
+      lambda i: only, num_groups=2, group_size=2, pad_id=0, dynamic_sampling=False,
+      max_gen_batches=1)
+  assert batch is only and (rounds, filled) == (1, 0)
+
+
+def test_train_batch_layout_matches_the_trainer_contract():
+  r = _fake_rollout(np.array([[1, 0]], bool), prompt_len=3, response_len=4, tag=5)
+  batch = rl.train_batch(r)
+  assert batch["tokens"].shape == (2, 7)
+  np.testing.assert_array_equal(batch["loss_mask"][:, :3], False)  # prompt never scored
+  np.testing.assert_array_equal(batch["loss_mask"][:, 3:], r["response_mask"])
+  np.testing.assert_array_equal(batch["prompt_mask"][:, :3], True)
+  np.testing.assert_array_equal(batch["prompt_mask"][:, 3:], False)
+  np.testing.assert_array_equal(batch["old_logp"][:, 3:], r["logp"])  # the sampler's logp
+  np.testing.assert_array_equal(batch["old_logp"][:, :3], 0.0)
+
+
+def test_compute_advantages_matches_the_estimators():
+  rewards = np.array([1.0, 0.0, 0.0, 1.0, 1.0, 1.0], np.float32)
+  got = rl.compute_advantages("grpo", {}, rewards, group_size=3)
+  want = advantages.from_groups(advantages.grpo(rewards.reshape(2, 3)))
+  np.testing.assert_allclose(got, want)
+  np.testing.assert_array_equal(got[3:], 0.0)  # all-equal group
+  # alpha-DPG reads sequence sums of old / ref logp over the response tokens only.
+  mask = np.array([[0, 1, 1]] * 6, bool)
+  old = np.where(mask, -0.5, 7.0).astype(np.float32)  # 7.0 on the prompt must be ignored
+  ref = np.where(mask, -0.25, 9.0).astype(np.float32)
+  batch = {"loss_mask": mask, "old_logp": old, "ref_logp": ref}
+  got = rl.compute_advantages("alpha_dpg", {"alpha": 0.5}, rewards, group_size=3, batch=batch)
+  want = advantages.from_groups(advantages.alpha_dpg(
+      np.full((2, 3), -1.0, np.float32), np.full((2, 3), -0.5, np.float32),
+      rewards.reshape(2, 3), alpha=0.5))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+def test_rollout_metrics_by_hand():
+  r = _fake_rollout(np.array([[1, 0], [1, 1]], bool), prompt_len=3, response_len=4, tag=1)
+  r["lengths"] = np.array([1, 2, 3, 4], np.int32)
+  r["truncated"] = np.array([0, 0, 0, 1], bool)
+  m = rl.rollout_metrics(r, np.array([1.0, -1.0, 0.0, 0.0], np.float32), group_size=2)
+  assert m["critic/rewards/mean"] == 0.75 and m["critic/acc/mean"] == 0.75
+  assert m["batch/zero_variance_frac"] == 0.5 and m["batch/solve_all_frac"] == 0.5
+  assert m["response_length/mean"] == 2.5 and m["response_length/max"] == 4
+  assert m["response_length/clip_ratio"] == 0.25
+
+
+# ------------------------------------------------------------------------------------------------
+# Whole runs: tiny random model, 8 simulated devices
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  # Runs of one shape share compiled programs through jax's persistent cache.
+  return str(tmp_path_factory.mktemp("jax_cache"))
+
+
+def _params(state):
+  return jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+@pytest.fixture(scope="module")
+def lad_run(tmp_path_factory, compile_cache):
+  workdir = tmp_path_factory.mktemp("lad")
+  config = tiny_config(workdir, "lad", compile_cache_dir=compile_cache)
+  state, last = rl.run(config, task=fake_task())
+  return config, _params(state), last
+
+
+def _check_run(config, params, last):
+  assert len(jax.devices()) == 8
+  records = metrics_lib.read_jsonl(os.path.join(config.workdir, "metrics.jsonl"))
+  assert [r["step"] for r in records] == [1, 2]
+  for name in ("critic/rewards/mean", "response_length/mean", "actor/pg_loss", "actor/entropy",
+               "actor/grad_norm", "actor/lr", "batch/zero_variance_frac", "timing_s/gen",
+               "timing_s/verify", "timing_s/update", "perf/throughput"):
+    assert name in records[0] and np.isfinite(records[0][name]), name
+  assert records[0]["actor/lr"] == pytest.approx(config.optim.lr)
+  # The fake reward varies within groups, so the advantages and the gradient are not zero.
+  assert records[0]["critic/advantages/max"] > 0 > records[0]["critic/advantages/min"]
+  assert records[0]["actor/grad_norm"] > 0
+  assert "eval/fake/avg@4" in last and "eval/fake/pass@2" in last
+  assert 0.0 <= last["eval/fake/pass@1"] <= last["eval/fake/pass@2"] <= last["eval/fake/pass@4"]
+  # A nonzero gradient at a nonzero learning rate moves Adam's parameters (by ~lr each).
+  assert all(r["actor/grad_norm"] > 0 for r in records)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+  assert os.path.isdir(os.path.join(config.workdir, "checkpoints", "2"))
+
+
+def test_two_step_run_lad(lad_run):
+  _check_run(*lad_run)
+
+
+@pytest.mark.parametrize("name", ["grpo", "flowrl"])
+def test_two_step_run_baselines(tmp_path, compile_cache, name):
+  config = tiny_config(tmp_path, name, compile_cache_dir=compile_cache)
+  state, last = rl.run(config, task=fake_task())
+  params = _params(state)
+  _check_run(config, params, last)
+  if name == "flowrl":
+    assert "logz_head" in params  # the learned log Z of FlowRL is part of the state
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path, compile_cache, lad_run):
+  config, params_uninterrupted, _ = lad_run
+  first = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
+  first.train.num_steps = 1  # "killed" right after the checkpoint of step 1
+  rl.run(first, task=fake_task())
+  resumed = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
+  state, _ = rl.run(resumed, task=fake_task())
+  jax.tree.map(np.testing.assert_array_equal, _params(state), params_uninterrupted)
+  a = metrics_lib.read_jsonl(os.path.join(config.workdir, "metrics.jsonl"))
+  b = metrics_lib.read_jsonl(os.path.join(resumed.workdir, "metrics.jsonl"))
+  assert [r["step"] for r in b] == [1, 2]
+  for key in ("critic/rewards/mean", "data/position", "actor/pg_loss"):
+    assert a[1][key] == b[1][key], key
+
+
+def test_real_verifier_with_dynamic_sampling(tmp_path, compile_cache):
+  # reasoning-gym chain_sum scored by ProceduralVerifier; a random model never answers, so every
+  # group has zero variance: dynamic sampling regenerates, then fills with dropped groups.
+  config = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
+  config.dynamic_sampling.enabled = True
+  config.dynamic_sampling.max_gen_batches = 2
+  config.train.num_steps = 1
+  config.eval.every = 0
+  _, last = rl.run(config)
+  assert last["batch/num_gen_batches"] == 2
+  assert last["batch/filled_zero_variance_groups"] == 4
+  assert last["critic/rewards/mean"] == 0.0 and last["batch/zero_variance_frac"] == 1.0
+  assert last["data/position"] == 8  # two rounds of 4 prompts consumed

@@ -1,0 +1,244 @@
+"""Tests for lad_jax/train.py: the sharded train step, micro-batching, bf16 master weights.
+
+Compile time dominates on CPU, so every model is a 1-layer toy, T = 16, and every jit is built
+with `xla_backend_optimization_level=0` (about 3x faster to compile; same numerics).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lad_jax import losses
+from lad_jax import sharding
+from lad_jax import train
+from lad_jax.models import Decoder
+from lad_jax.models import logprobs
+from lad_jax.models import testing
+
+FAST = {"xla_backend_optimization_level": 0}
+N, L, P = 8, 16, 6  # rows, total length, prompt bucket
+
+
+def _cfg(**overrides):
+  fields = dict(num_layers=1, hidden_size=32, intermediate_size=32, num_heads=4, num_kv_heads=2,
+                head_dim=8, vocab_size=64)
+  fields.update(overrides)
+  return testing.tiny_config("llama", **fields)
+
+
+def _mesh(data=1, fsdp=1, tensor=1):
+  n = data * fsdp * tensor
+  return sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor, devices=jax.devices()[:n])
+
+
+def _batch(cfg, *, n=N, seed=0, token_advantages=False):
+  """Left-padded prompts, responses of varying length (some rows end early), like the sampler."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(0, cfg.vocab_size, (n, L)).astype(np.int32)
+  prompt_len = rng.integers(2, P + 1, n)
+  resp_len = rng.integers(1, L - P + 1, n)
+  cols = np.arange(L)[None, :]
+  prompt_mask = (cols < P) & (cols >= P - prompt_len[:, None])
+  loss_mask = (cols >= P) & (cols < P + resp_len[:, None])
+  mask = prompt_mask | loss_mask
+  tokens = np.where(mask, tokens, 0).astype(np.int32)
+  old_logp = np.where(loss_mask, -np.log(cfg.vocab_size) + 0.1 * rng.normal(size=(n, L)), 0.0)
+  ref_logp = np.where(loss_mask, -np.log(cfg.vocab_size) + 0.1 * rng.normal(size=(n, L)), 0.0)
+  adv_shape = (n, L) if token_advantages else (n,)
+  return dict(tokens=tokens, mask=mask, loss_mask=loss_mask,
+              old_logp=old_logp.astype(np.float32), ref_logp=ref_logp.astype(np.float32),
+              advantages=rng.normal(size=adv_shape).astype(np.float32),
+              prompt_mask=prompt_mask, rewards=rng.normal(size=(n,)))  # extra key: ignored
+
+
+def _host(tree):
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def _clone(tree):
+  """A copy in the same shardings (the step donates its input state)."""
+  return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), tree)
+
+
+def _max_diff(a, b):
+  return max(float(np.max(np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))))
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def fp32_setup():
+  cfg = _cfg()
+  mesh = _mesh(data=2, fsdp=2)
+  tx = train.make_optimizer(lr=1e-2, warmup_steps=4, weight_decay=0.01, grad_clip=1.0)
+  state, shardings = train.create_train_state(Decoder(cfg), tx, jax.random.key(0), mesh=mesh,
+                                              with_logz_head=True, compiler_options=FAST)
+  return cfg, mesh, tx, state, shardings
+
+
+@pytest.mark.parametrize("name", losses.names())
+def test_every_objective_trains(fp32_setup, name):
+  cfg, mesh, tx, state0, shardings = fp32_setup
+  model = Decoder(cfg)
+  state = _clone(state0)
+  params0 = _host(state0.params)
+  # lad_theoretical scores a full action axis; per-token advantages make it run on sequences.
+  batch = _batch(cfg, token_advantages=name == "lad_theoretical")
+  if name == "grpo":  # old_logp recomputed at the current params: ratio 1, ppo_kl 0
+    batch["old_logp"] = np.asarray(train.make_logp_fn(model, mesh=mesh)(state.params, batch))
+  step = train.make_train_step(model, losses.get(name), tx, mesh=mesh,
+                               state_shardings=shardings, compiler_options=FAST)
+  first = state
+  for i in range(2):
+    state, metrics = step(state, batch)
+    for k, v in metrics.items():
+      assert np.isfinite(v), (name, i, k, v)
+    assert metrics["grad_norm"] > 0, name
+    if name == "grpo" and i == 0:
+      assert abs(float(metrics["ppo_kl"])) < 1e-6
+      np.testing.assert_allclose(metrics["ratio_mean"], 1.0, atol=1e-5)
+    # lr of step k is lr * (k + 1) / warmup (make_schedule).
+    np.testing.assert_allclose(metrics["lr"], 1e-2 * (i + 1) / 4, rtol=1e-6)
+  assert metrics["tokens"] == batch["loss_mask"].sum()
+  assert int(state.step) == 2
+  assert step.num_traces() == 1  # no retrace on the second step
+  assert all(x.is_deleted() for x in jax.tree.leaves(first.params))  # state donated
+  changed = _max_diff(params0["model"], _host(state.params["model"]))
+  assert changed > 1e-4, name
+  if name == "flowrl":
+    assert _max_diff(params0["logz_head"], _host(state.params["logz_head"])) > 1e-4
+
+
+def _reference_grads(cfg, objective, params, batch):
+  """Gradient of the plain, unbatched loss: forward_logprobs -> objective -> aggregate."""
+  model = Decoder(cfg)
+
+  def loss(p):
+    logp = logprobs.forward_logprobs(model, p["model"], batch["tokens"], mask_BT=batch["mask"])
+    inputs = losses.LossInputs(logp=logp, old_logp=batch["old_logp"],
+                               advantages=batch["advantages"], mask=batch["loss_mask"])
+    return objective.loss(inputs)[0]
+
+  return jax.jit(jax.grad(loss))({"model": params["model"]})
+
+
+@pytest.fixture(scope="module")
+def sgd_setup():
+  cfg = _cfg()
+  mesh = _mesh(data=2, fsdp=2)
+  tx = optax.sgd(1.0)
+  state, shardings = train.create_train_state(Decoder(cfg), tx, jax.random.key(0), mesh=mesh,
+                                              compiler_options=FAST)
+  return cfg, mesh, tx, state, shardings
+
+
+@pytest.mark.parametrize("agg_mode", ["token-mean", "seq-mean-token-mean"])
+def test_micro_batches_equal_one_batch(sgd_setup, agg_mode):
+  """4 accumulated micro-batches give the gradient of the one large batch (jax.grad of the plain
+  loss). With SGD(lr=1), params_0 - params_1 is the gradient, so scale errors (e.g. dividing by
+  each micro-batch's own denominator) cannot hide behind Adam's normalisation."""
+  cfg, mesh, tx, state, shardings = sgd_setup
+  objective = losses.get("lad", divergence="js", eta=0.5, agg_mode=agg_mode)
+  model = Decoder(cfg)
+  batch = _batch(cfg, n=16, seed=3)
+  params0 = _host(state.params)
+  step = train.make_train_step(model, objective, tx, mesh=mesh, state_shardings=shardings,
+                               micro_batches=4, compiler_options=FAST)
+  new_state, metrics = step(_clone(state), batch)
+  grads = jax.tree.map(lambda a, b: a - b, params0, _host(new_state.params))
+  ref = _host(_reference_grads(cfg, objective, params0, batch))
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref))
+  assert scale > 1e-3  # a real gradient
+  assert _max_diff(grads, ref) < 1e-6
+  assert metrics["tokens"] == batch["loss_mask"].sum()
+
+
+def test_sharded_and_remat_equal_unsharded():
+  cfg = _cfg()
+  model = Decoder(cfg)
+  # Adam's first step is lr * g / (|g| + eps): with eps 1e-8 a gradient of 1e-9, whose value
+  # depends on the reduction order, would move a weight by ~lr/10; eps 1e-3 makes it smooth.
+  tx = train.make_optimizer(lr=1e-2, eps=1e-3, weight_decay=0.1, grad_clip=1.0)
+  objective = losses.get("lad")
+  batch = _batch(cfg, seed=5)
+  results = []
+  params0 = None
+  for dims in ((1, 1, 1), (2, 2, 2)):
+    mesh = _mesh(*dims)
+    state, shardings = train.create_train_state(model, tx, jax.random.key(0), mesh=mesh,
+                                                params=params0, compiler_options=FAST)
+    params0 = _host(state.params["model"]) if params0 is None else params0
+    # Remat changes what the backward pass recomputes, never the result.
+    step = train.make_train_step(model, objective, tx, mesh=mesh, state_shardings=shardings,
+                                 remat_policy="full" if dims == (2, 2, 2) else None,
+                                 compiler_options=FAST)
+    state, metrics = step(state, batch)
+    if dims == (2, 2, 2):  # really sharded: FSDP on embed, tensor on heads
+      spec = state.params["model"]["layers"]["self_attn"]["q_proj"]["kernel"].sharding.spec
+      assert spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+    results.append((_host(state.params), _host(metrics)))
+  (p1, m1), (p8, m8) = results
+  assert _max_diff(p1, params0) > 1e-4
+  assert _max_diff(p1, p8) < 1e-6
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], rtol=1e-5, atol=1e-6, err_msg=k)
+
+
+def test_bf16_params_keep_fp32_master_and_moments():
+  cfg = _cfg(param_dtype="bfloat16", dtype="bfloat16")
+  model = Decoder(cfg)
+  mesh = _mesh()  # 1 device: bf16 compiles slowly on CPU, and sharding is tested above
+  tx = train.make_optimizer(lr=1e-3)
+  state, shardings = train.create_train_state(model, tx, jax.random.key(0), mesh=mesh,
+                                              compiler_options=FAST)
+  assert isinstance(state.opt_state, train.MasterWeightsState)
+  master0 = _host(state.opt_state.master)
+  step = train.make_train_step(model, losses.get("grpo"), tx, mesh=mesh,
+                               state_shardings=shardings, compiler_options=FAST)
+  state, metrics = step(state, _batch(cfg, seed=7))
+  assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+  params, opt = state.params, state.opt_state
+  assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(params))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(opt.master))
+  is_adam = lambda x: isinstance(x, optax.ScaleByAdamState)
+  adam = [x for x in jax.tree.leaves(opt.inner, is_leaf=is_adam) if is_adam(x)]
+  assert len(adam) == 1
+  moments = jax.tree.leaves((adam[0].mu, adam[0].nu))
+  assert len(moments) == 2 * len(jax.tree.leaves(params))
+  assert all(x.dtype == jnp.float32 for x in moments)
+  assert all(jnp.array_equal(p, m.astype(jnp.bfloat16))
+             for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(opt.master)))
+  # Adam's first step moves every weight by ~lr = 1e-3: visible in the master copy.
+  assert _max_diff(master0, _host(opt.master)) > 5e-4
+
+
+def test_bad_batches_raise_clear_errors(fp32_setup):
+  cfg, mesh, tx, _, shardings = fp32_setup
+  model = Decoder(cfg)
+  batch = _batch(cfg)
+  step = train.make_train_step(model, losses.get("flowrl"), tx, mesh=mesh,
+                               state_shardings=shardings)
+  with pytest.raises(ValueError, match="prompt_mask"):
+    step(None, {k: v for k, v in batch.items() if k != "prompt_mask"})
+  with pytest.raises(ValueError, match="missing"):
+    step(None, {k: v for k, v in batch.items() if k != "old_logp"})
+  step4 = train.make_train_step(model, losses.get("grpo"), tx, mesh=mesh,
+                                state_shardings=shardings, micro_batches=4)
+  with pytest.raises(ValueError, match="multiple of"):
+    step4(None, batch)  # 8 rows, 4 micro-batches x 4 batch devices
+  with pytest.raises(ValueError, match="valid schedules"):
+    train.make_optimizer(lr=1.0, schedule="linear")
+  with pytest.raises(ValueError, match="total_steps"):
+    train.make_optimizer(lr=1.0, schedule="cosine")
+
+
+def test_cosine_schedule():
+  sched = train.make_schedule(lr=1.0, warmup_steps=2, schedule="cosine", total_steps=6,
+                              final_lr_ratio=0.1)
+  got = [float(sched(k)) for k in range(8)]
+  # Warmup (k+1)/2, then 0.1 + 0.9 * (1 + cos(pi * (k - 2) / 4)) / 2, held at 0.1.
+  want = [0.5, 1.0] + [0.1 + 0.45 * (1 + np.cos(np.pi * j / 4)) for j in range(4)] + [0.1, 0.1]
+  np.testing.assert_allclose(got, want, rtol=1e-6)
