@@ -15,38 +15,18 @@ import pytest
 
 from lad_jax import divergences
 
-
-def _alpha_f(a):
-  return lambda x: (x**a - 1.0 - a * (x - 1.0)) / (a * (a - 1.0))
+import divergence_reference
 
 
-def _alpha_fprime(a):
-  return lambda x: (x ** (a - 1.0) - 1.0) / (a - 1.0)
-
-
-# Plain generators f and their derivatives f', written from the paper's Table 5 (JS and Hellinger
-# with the paper's 1/2) and the alpha family's definition; the derivatives are by hand and are
-# themselves checked against central differences of f in `test_reference_derivatives`.
+# Plain f and hand-derived f' (tests/divergence_reference.py); `test_reference_derivatives` checks
+# the f' against central differences of f.
 REFERENCE = {
-    "kl": (lambda x: x * np.log(x), lambda x: np.log(x) + 1.0),
-    "rkl": (lambda x: -np.log(x), lambda x: -1.0 / x),
-    "jeffreys": (lambda x: (x - 1.0) * np.log(x), lambda x: np.log(x) + (x - 1.0) / x),
-    "tv": (lambda x: np.abs(x - 1.0), lambda x: np.sign(x - 1.0)),
-    "hellinger": (lambda x: 0.5 * (np.sqrt(x) - 1.0) ** 2,
-                  lambda x: 0.5 * (1.0 - 1.0 / np.sqrt(x))),
-    "js": (
-        lambda x: 0.5 * (x * np.log(x) - (x + 1.0) * np.log((x + 1.0) / 2.0)),
-        lambda x: 0.5 * (np.log(x) - np.log((x + 1.0) / 2.0)),
-    ),
-    "alpha:0.25": (_alpha_f(0.25), _alpha_fprime(0.25)),
-    "alpha:0.5": (_alpha_f(0.5), _alpha_fprime(0.5)),
-    "alpha:2": (_alpha_f(2.0), _alpha_fprime(2.0)),
-    "alpha:-1": (_alpha_f(-1.0), _alpha_fprime(-1.0)),
-    "alpha:3": (_alpha_f(3.0), _alpha_fprime(3.0)),
+    **divergence_reference.TABLE5,
+    **{f"alpha:{a:g}": divergence_reference.alpha(a) for a in (0.25, 0.5, 2.0, -1.0, 3.0)},
     # Limits of the alpha family: kl minus (x - 1) and rkl plus (x - 1).
     "alpha:1": (lambda x: x * np.log(x) - (x - 1.0), np.log),
     "alpha:0": (lambda x: -np.log(x) + (x - 1.0), lambda x: 1.0 - 1.0 / x),
-    "custom:chi2": (lambda x: (x - 1.0) ** 2, lambda x: 2.0 * (x - 1.0)),
+    "custom:chi2": divergence_reference.CHI2,
 }
 SMOOTH = [n for n in REFERENCE if n != "tv"]
 ALL_FUZZ = list(REFERENCE) + ["alpha:-3", "alpha:6", "alpha:1.0000001", "alpha:1e-9"]
