@@ -18,8 +18,9 @@ How a call runs (DESIGN §4):
      compiled functions are cached on the sampler (`num_traces` counts traces, for tests).
 
 Sampling (fp32): `logits / temperature`, then top-k, then top-p (HF's order), each masking
-logits to -inf so the rest renormalise; a token is drawn from that distribution and `logp` is its
-log-probability under exactly that distribution. `temperature=0` means greedy decoding
+logits to -inf so the rest renormalise; a token is drawn from that distribution (by inverse CDF,
+one uniform per row: `categorical`) and `logp` is its log-probability under exactly that
+distribution. `temperature=0` means greedy decoding
 (argmax, first index on ties); then `logp` is the log-probability under the *untempered*
 (temperature 1) model distribution, since the point mass actually sampled from would give 0
 everywhere and `forward_logprobs` cannot be evaluated at temperature 0.
@@ -132,6 +133,46 @@ def truncate_logits(logits_NV: Array, *, top_k: int = 0, top_p: float = 1.0) -> 
   return logits_NV
 
 
+_CDF_BLOCK = 512
+
+
+def _first_above(cdf_NK: Array, x_N: Array, valid_NK: Array) -> Array:
+  """Index of the first entry of the nondecreasing `cdf_NK` above `x_N`, among `valid_NK`.
+
+  If rounding leaves every entry <= x (x at the very top), the last valid entry: an index with
+  zero mass is never returned, since its cdf equals its predecessor's.
+  """
+  k = cdf_NK.shape[-1]
+  first_N = jnp.sum(cdf_NK <= x_N[:, None], axis=-1, dtype=jnp.int32)
+  last_valid_N = k - 1 - jnp.argmax(valid_NK[:, ::-1], axis=-1).astype(jnp.int32)
+  return jnp.minimum(first_N, last_valid_N)
+
+
+def categorical(key: Array, logits_NV: Array) -> Array:
+  """One draw per row from softmax(logits_NV) by inverse CDF: [N] int32.
+
+  Same distribution as `jax.random.categorical`, from one uniform per row instead of N * V
+  Gumbel variates: generating those random bits cost ~0.4 s per step at N = 128, V = 49152 on
+  CPU, more than the model's matmuls. The CDF is taken in blocks of 512 ids (block totals, then
+  within the chosen block) because a flat cumsum over V is 2.5x slower on XLA:CPU. -inf logits
+  have zero mass and are never drawn.
+  """
+  n, v = logits_NV.shape
+  logits_NV = logits_NV.astype(jnp.float32)
+  p_NV = jnp.exp(logits_NV - jnp.max(logits_NV, axis=-1, keepdims=True))  # unnormalised
+  c = _CDF_BLOCK if v > _CDF_BLOCK else v
+  pad = -v % c
+  p_NBC = jnp.pad(p_NV, ((0, 0), (0, pad))).reshape(n, -1, c)
+  mass_NB = jnp.sum(p_NBC, axis=-1)
+  cdf_NB = jnp.cumsum(mass_NB, axis=-1)
+  x_N = jax.random.uniform(key, (n,), jnp.float32) * cdf_NB[:, -1]
+  b_N = _first_above(cdf_NB, x_N, mass_NB > 0)
+  before_N = jnp.take_along_axis(cdf_NB - mass_NB, b_N[:, None], axis=-1)[:, 0]
+  block_NC = jnp.take_along_axis(p_NBC, b_N[:, None, None], axis=1)[:, 0]
+  j_N = _first_above(jnp.cumsum(block_NC, axis=-1), x_N - before_N, block_NC > 0)
+  return b_N * c + j_N
+
+
 def sample_logits(logits_NV: Array, key: Array, *, temperature: float, top_k: int = 0,
                   top_p: float = 1.0) -> tuple[Array, Array]:
   """Draws one token per row; returns (tokens [N] int32, logp [N] float32).
@@ -146,7 +187,7 @@ def sample_logits(logits_NV: Array, key: Array, *, temperature: float, top_k: in
     logp_NV = jax.nn.log_softmax(logits_NV, axis=-1)
   else:
     logits_NV = truncate_logits(logits_NV / temperature, top_k=top_k, top_p=top_p)
-    tokens_N = jax.random.categorical(key, logits_NV, axis=-1).astype(jnp.int32)
+    tokens_N = categorical(key, logits_NV)
     logp_NV = jax.nn.log_softmax(logits_NV, axis=-1)
   logp_N = jnp.take_along_axis(logp_NV, tokens_N[:, None], axis=-1)[:, 0]
   return tokens_N, logp_N

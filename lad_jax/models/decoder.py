@@ -20,8 +20,10 @@ Positions (for RoPE) default to the number of non-padding tokens before each tok
 give the same result as the unpadded ones. Packed rows need explicit `positions_BT`.
 
 KV cache: tokens are written at slots [index, index + T) for all rows together ("lock step");
-attention runs over all S slots with empty / padding slots masked out. The caller must keep
-index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies each prompt's
+the layers only read the cache (attention over its S slots, empty / padding ones masked out, and
+over the T new tokens, in one softmax) and the new keys / values of every layer are written in
+one in-place update after the layer scan. The caller must keep index + T <= S (static shapes
+inside jit cannot raise). `KVCache.repeat(G)` copies each prompt's
 cache to G samples. Without a cache, attention skips the causally masked blocks
 (`cfg.attention_block_size`).
 
@@ -51,6 +53,7 @@ ACT_BKTH = ("activation_batch", "activation_kv_heads", "activation_length", None
 ACT_BTF = ("activation_batch", "activation_length", "activation_mlp")
 ACT_BTV = ("activation_batch", "activation_length", "activation_vocab")
 CACHE_BKSH = ("cache_batch", "cache_kv_heads", "cache_sequence", None)
+CACHE_BKHS = ("cache_batch", "cache_kv_heads", None, "cache_sequence")
 
 # Finite, so a row with every key masked (a padding query) gives a uniform softmax, not NaN;
 # far below any score, far from float32's -max so adding a score cannot overflow.
@@ -68,8 +71,9 @@ class KVCache:
   """Static-size key/value cache for all layers.
 
   Attributes:
-    k, v: [L, B, K, S, H] keys (after RoPE) and values, head-major so attention reads them
-      without a transpose.
+    k: [L, B, K, H, S] keys (after RoPE), v: [L, B, K, S, H] values: both plain matmul
+      operands of attention (q @ k and probs @ v) without a transpose; XLA:CPU transposes a
+      [.., S, H] key operand on every decode step, which doubled the score cost.
     segment_ids: [B, S] int32 segment id of each slot; 0 = empty or padding (never attended).
     index: [] int32 next slot to write (shared by all rows).
     next_position: [B] int32 RoPE position of the next non-padding token of each row.
@@ -86,16 +90,17 @@ class KVCache:
            dtype: Any = None) -> KVCache:
     """An empty cache; `dtype` defaults to `cfg.dtype`."""
     shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+    k_shape = shape[:3] + (cfg.head_dim, max_length)
     dtype = cfg.dtype if dtype is None else dtype
     return cls(
-        k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+        k=jnp.zeros(k_shape, dtype), v=jnp.zeros(shape, dtype),
         segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
         index=jnp.zeros((), jnp.int32),
         next_position=jnp.zeros((batch_size,), jnp.int32))
 
   @property
   def max_length(self) -> int:
-    return self.k.shape[3]
+    return self.v.shape[3]
 
   @property
   def batch_size(self) -> int:
@@ -111,8 +116,8 @@ class KVCache:
   @staticmethod
   def logical_axes() -> KVCache:
     """Logical axis names of every field, for `sharding.logical_shardings`."""
-    kv = ("cache_layers",) + CACHE_BKSH
-    return KVCache(k=kv, v=kv, segment_ids=("cache_batch", "cache_sequence"), index=(),
+    return KVCache(k=("cache_layers",) + CACHE_BKHS, v=("cache_layers",) + CACHE_BKSH,
+                   segment_ids=("cache_batch", "cache_sequence"), index=(),
                    next_position=("cache_batch",))
 
 
@@ -244,6 +249,32 @@ def _attend_causal_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, mask_BTT:
   return jnp.concatenate(outs, axis=1)
 
 
+def _attend_cached_einsum(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array,
+                          kn_BKTH: Array, vn_BKTH: Array, mask_BTT: Array,
+                          cfg: ModelConfig) -> Array:
+  """Attention over a read-only cache (keys [B, K, H, S], values [B, K, S, H]) plus the T new
+  keys and values [B, K, T, H].
+
+  One softmax over both key sets, but the cache is never concatenated with (or updated before)
+  the new keys: writing the new slots into each layer's cache inside the layer scan made XLA
+  copy the whole cache every decode step, which cost 3x the model's matmuls on CPU.
+  """
+  b, t, _, h = q_BTNH.shape
+  s = k_BKHS.shape[3]
+  q_BKGTH = q_BTNH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, h).transpose(0, 2, 3, 1, 4)
+  bias_BTS = jnp.where(mask_BTS, 0.0, _MASK_VALUE).astype(jnp.float32)
+  bias_BTT = jnp.where(mask_BTT, 0.0, _MASK_VALUE).astype(jnp.float32)
+  old_BKGTS = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS,
+                         preferred_element_type=jnp.float32) + bias_BTS[:, None, None]
+  new_BKGTT = jnp.einsum("bkgth,bkuh->bkgtu", q_BKGTH, kn_BKTH,
+                         preferred_element_type=jnp.float32) + bias_BTT[:, None, None]
+  probs = jax.nn.softmax(jnp.concatenate([old_BKGTS, new_BKGTT], axis=-1), axis=-1)
+  probs = probs.astype(v_BKSH.dtype)
+  out_BKGTH = (jnp.einsum("bkgts,bksh->bkgth", probs[..., :s], v_BKSH)
+               + jnp.einsum("bkgtu,bkuh->bkgth", probs[..., s:], vn_BKTH))
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, h)
+
+
 def _attend_jax(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
                 cfg: ModelConfig) -> Array:
   """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when shapes allow)."""
@@ -264,8 +295,10 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, sin_BTh: Array, cos_BTh: Array, mask_BTS: Array,
-               layer_cache: Optional[tuple[Array, Array]], cache_index: Optional[Array]
+               mask_new_BTT: Optional[Array], layer_cache: Optional[tuple[Array, Array]]
                ) -> tuple[Array, Optional[tuple[Array, Array]]]:
+    """With a cache, `mask_BTS` masks its S slots, `mask_new_BTT` the T new tokens, and the
+    returned pair is the new tokens' (k, v) [B, K, T, H] for the caller to write at its index."""
     cfg = self.cfg
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = Linear(cfg, (d,), (n, h), ("embed",), ("q_heads", "head_dim"), cfg.qkv_bias,
@@ -280,27 +313,36 @@ class Attention(nn.Module):
     k_BKTH = sharding.constrain(
         rope.apply_rope(kk, sin_BTh, cos_BTh).transpose(0, 2, 1, 3), ACT_BKTH)
     v_BKTH = sharding.constrain(v.transpose(0, 2, 1, 3), ACT_BKTH)
-    new_cache = None
+    new_kv = None
     if layer_cache is not None:
       ck, cv = layer_cache
-      ck = jax.lax.dynamic_update_slice(ck, k_BKTH.astype(ck.dtype), (0, 0, cache_index, 0))
-      cv = jax.lax.dynamic_update_slice(cv, v_BKTH.astype(cv.dtype), (0, 0, cache_index, 0))
-      ck, cv = sharding.constrain(ck, CACHE_BKSH), sharding.constrain(cv, CACHE_BKSH)
-      new_cache = (ck, cv)
-      k_BKSH, v_BKSH = ck.astype(cfg.dtype), cv.astype(cfg.dtype)
+      # Rounded to the cache dtype first, so attending to a token now and later from the cache
+      # gives the same result.
+      kn_BKTH, vn_BKTH = k_BKTH.astype(ck.dtype), v_BKTH.astype(cv.dtype)
+      new_kv = (kn_BKTH.transpose(0, 1, 3, 2), vn_BKTH)  # cache layouts [B,K,H,T], [B,K,T,H]
+      ck, cv = sharding.constrain(ck, CACHE_BKHS), sharding.constrain(cv, CACHE_BKSH)
+      kn_BKTH, vn_BKTH = kn_BKTH.astype(cfg.dtype), vn_BKTH.astype(cfg.dtype)
+      if cfg.attention_impl == "jax":
+        out_BTNH = _attend_jax(
+            q_BTNH, jnp.concatenate([ck.astype(cfg.dtype).transpose(0, 1, 3, 2), kn_BKTH],
+                                    axis=2),
+            jnp.concatenate([cv.astype(cfg.dtype), vn_BKTH], axis=2),
+            jnp.concatenate([mask_BTS, mask_new_BTT], axis=2), cfg)
+      else:
+        out_BTNH = _attend_cached_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype),
+                                         mask_BTS, kn_BKTH, vn_BKTH, mask_new_BTT, cfg)
     else:
-      k_BKSH, v_BKSH = k_BKTH, v_BKTH
-    if cfg.attention_impl == "jax":
-      attend = _attend_jax
-    elif layer_cache is None and 0 < cfg.attention_block_size < x_BTD.shape[1]:
-      attend = _attend_causal_blocks  # key slot == query slot index: causal blocks are static
-    else:
-      attend = _attend_einsum
-    out_BTNH = attend(q_BTNH, k_BKSH, v_BKSH, mask_BTS, cfg)
+      if cfg.attention_impl == "jax":
+        attend = _attend_jax
+      elif 0 < cfg.attention_block_size < x_BTD.shape[1]:
+        attend = _attend_causal_blocks  # key slot == query slot index: causal blocks are static
+      else:
+        attend = _attend_einsum
+      out_BTNH = attend(q_BTNH, k_BKTH, v_BKTH, mask_BTS, cfg)
     out_BTNH = sharding.constrain(out_BTNH, ACT_BTNH)
     out = Linear(cfg, (n, h), (d,), ("q_heads", "head_dim"), ("embed",), cfg.o_bias,
                  name="o_proj")(out_BTNH)
-    return out, new_cache
+    return out, new_kv
 
 
 class Block(nn.Module):
@@ -311,15 +353,15 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: Array, layer_cache: Optional[tuple[Array, Array]],
                sin_BTh: Array, cos_BTh: Array, mask_BTS: Array,
-               cache_index: Optional[Array]) -> tuple[Array, Optional[tuple[Array, Array]]]:
+               mask_new_BTT: Optional[Array]) -> tuple[Array, Optional[tuple[Array, Array]]]:
     cfg = self.cfg
     h = RMSNorm(cfg, name="input_layernorm")(x_BTD)
-    a, new_cache = Attention(cfg, name="self_attn")(h, sin_BTh, cos_BTh, mask_BTS, layer_cache,
-                                                    cache_index)
+    a, new_kv = Attention(cfg, name="self_attn")(h, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT,
+                                                 layer_cache)
     x_BTD = sharding.constrain(x_BTD + a, ACT_BTD)
     h = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
     x_BTD = sharding.constrain(x_BTD + Mlp(cfg, name="mlp")(h), ACT_BTD)
-    return x_BTD, new_cache
+    return x_BTD, new_kv
 
 
 class Embed(nn.Module):
@@ -386,21 +428,26 @@ class Decoder(nn.Module):
       positions_BT = default_positions(seg_BT, None if cache is None else cache.next_position)
     sin_BTh, cos_BTh = rope.sin_cos(positions_BT, cfg)
 
-    # Attention mask [B, T, S]: same segment, key not padding, key slot <= query slot.
+    # Attention masks: same segment, key not padding, key at or before the query.
+    def same_segment(seg_k_BS):
+      return (seg_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
+
+    causal_TT = jnp.tril(jnp.ones((t, t), bool))
     if cache is None:
-      seg_k_BS, q_slot, k_slot = seg_BT, jnp.arange(t), jnp.arange(t)
       layer_caches, index = None, None
+      mask_BTS, mask_new_BTT = same_segment(seg_BT) & causal_TT[None], None
     else:
       if cache.batch_size != b:
         raise ValueError(f"cache has batch size {cache.batch_size}, tokens have {b}.")
       if t > cache.max_length:
         raise ValueError(f"{t} tokens do not fit a cache of max_length {cache.max_length}.")
       index = cache.index
-      seg_k_BS = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
-      q_slot, k_slot = index + jnp.arange(t), jnp.arange(cache.max_length)
       layer_caches = (cache.k, cache.v)
-    mask_BTS = ((seg_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
-                & (k_slot[None, None, :] <= q_slot[None, :, None]))
+      # The cache's own slots (those before index; later ones are empty) and the new tokens
+      # separately: the layers read the cache and never write it (see _attend_cached_einsum).
+      written_S = jnp.arange(cache.max_length) < index
+      mask_BTS = same_segment(cache.segment_ids) & written_S[None, None, :]
+      mask_new_BTT = same_segment(seg_BT) & causal_TT[None]
 
     embed = Embed(cfg, name="embed_tokens")
     x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
@@ -417,7 +464,7 @@ class Decoder(nn.Module):
         unroll=min(cfg.scan_unroll, cfg.num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, name="layers")
-    x_BTD, new_layer_caches = layers(x_BTD, layer_caches, sin_BTh, cos_BTh, mask_BTS, index)
+    x_BTD, new_kv = layers(x_BTD, layer_caches, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT)
 
     hidden_BTD = RMSNorm(cfg, name="norm")(x_BTD)
 
@@ -434,8 +481,13 @@ class Decoder(nn.Module):
     if cache is not None:
       valid_BT = seg_BT != 0
       last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
+      # One in-place write of every layer's T new slots (the cache buffer is donated / a loop
+      # carry, so XLA updates it without a copy).
+      new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0], (0, 0, 0, 0, index))
+      new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1], (0, 0, 0, index, 0))
       new_cache = KVCache(
-          k=new_layer_caches[0], v=new_layer_caches[1], segment_ids=seg_k_BS,
+          k=new_k, v=new_v,
+          segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index)),
           index=index + t,
           next_position=jnp.where(jnp.any(valid_BT, axis=1), last_pos_B + 1,
                                   cache.next_position))
