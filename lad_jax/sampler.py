@@ -32,8 +32,15 @@ it. With them on, `logp` is of the *truncated* distribution, which `forward_logp
 compute: a trainer that uses such rollouts must score the same truncated distribution, or the
 ratio pi_theta / pi_old is biased.
 
-Randomness: step i draws with `fold_in(key, i)` (one key per step for all rows; the threefry
-bits do not depend on how the batch is sharded), so a key fixes the output, sharded or not.
+Randomness: the token of row r at step i is drawn from the uniform of
+`fold_in(fold_in(key, i), r)`, r the row's index in the whole call, so a key fixes the output
+whether the rows are sharded or not and however they are split into `prompts_per_call` chunks.
+
+Memory: the cache holds N = num_prompts * G rows of Tp + R slots. At paper scale (256 prompts x 8
+x 8192 tokens) that exceeds any accelerator, so `prompts_per_call` runs the prompts in chunks of
+that many (each chunk one prefill and one decode loop with the same compiled functions: the
+last chunk is padded with copies of a prompt, and every chunk uses the prompt bucket of the
+longest prompt of the call) and concatenates the rows.
 
 Stop strings are checked on the host after decoding (they need the tokenizer): a row is cut
 after the first token whose decoded prefix contains a stop string (that token is kept, like an
@@ -44,6 +51,7 @@ truncated). The while loop does not know about them, so it may decode past a sto
 from __future__ import annotations
 
 import bisect
+import contextlib
 from typing import Any, Optional, Sequence
 
 import flax
@@ -149,7 +157,13 @@ def _first_above(cdf_NK: Array, x_N: Array, valid_NK: Array) -> Array:
 
 
 def categorical(key: Array, logits_NV: Array) -> Array:
-  """One draw per row from softmax(logits_NV) by inverse CDF: [N] int32.
+  """One draw per row from softmax(logits_NV) by inverse CDF: [N] int32 (one key for all rows)."""
+  u_N = jax.random.uniform(key, (logits_NV.shape[0],), jnp.float32)
+  return categorical_from_uniform(u_N, logits_NV)
+
+
+def categorical_from_uniform(u_N: Array, logits_NV: Array) -> Array:
+  """Inverse-CDF draw of each row of softmax(logits_NV) at its uniform u_N in [0, 1): [N] int32.
 
   Same distribution as `jax.random.categorical`, from one uniform per row instead of N * V
   Gumbel variates: generating those random bits cost ~0.4 s per step at N = 128, V = 49152 on
@@ -165,7 +179,7 @@ def categorical(key: Array, logits_NV: Array) -> Array:
   p_NBC = jnp.pad(p_NV, ((0, 0), (0, pad))).reshape(n, -1, c)
   mass_NB = jnp.sum(p_NBC, axis=-1)
   cdf_NB = jnp.cumsum(mass_NB, axis=-1)
-  x_N = jax.random.uniform(key, (n,), jnp.float32) * cdf_NB[:, -1]
+  x_N = u_N.astype(jnp.float32) * cdf_NB[:, -1]
   b_N = _first_above(cdf_NB, x_N, mass_NB > 0)
   before_N = jnp.take_along_axis(cdf_NB - mass_NB, b_N[:, None], axis=-1)[:, 0]
   block_NC = jnp.take_along_axis(p_NBC, b_N[:, None, None], axis=1)[:, 0]
@@ -173,9 +187,19 @@ def categorical(key: Array, logits_NV: Array) -> Array:
   return b_N * c + j_N
 
 
-def sample_logits(logits_NV: Array, key: Array, *, temperature: float, top_k: int = 0,
+def row_uniforms(key: Array, row_ids_N: Array) -> Array:
+  """One uniform per row from `fold_in(key, row id)`: [N] float32.
+
+  A row's draw depends only on its global id, not on the batch it was computed in, so the output
+  is the same sharded or not and however the prompts are split into calls.
+  """
+  return jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (), jnp.float32))(
+      row_ids_N)
+
+
+def sample_logits(logits_NV: Array, u_N: Array, *, temperature: float, top_k: int = 0,
                   top_p: float = 1.0) -> tuple[Array, Array]:
-  """Draws one token per row; returns (tokens [N] int32, logp [N] float32).
+  """Draws one token per row at its uniform u_N [N]; returns (tokens [N] int32, logp [N] f32).
 
   logp is log softmax(truncate(logits / temperature))[token]: the log-probability under the
   distribution actually sampled from. temperature == 0 is greedy (argmax) and returns the
@@ -187,7 +211,7 @@ def sample_logits(logits_NV: Array, key: Array, *, temperature: float, top_k: in
     logp_NV = jax.nn.log_softmax(logits_NV, axis=-1)
   else:
     logits_NV = truncate_logits(logits_NV / temperature, top_k=top_k, top_p=top_p)
-    tokens_N = categorical(key, logits_NV)
+    tokens_N = categorical_from_uniform(u_N, logits_NV)
     logp_NV = jax.nn.log_softmax(logits_NV, axis=-1)
   logp_N = jnp.take_along_axis(logp_NV, tokens_N[:, None], axis=-1)[:, 0]
   return tokens_N, logp_N
@@ -216,13 +240,17 @@ class Sampler:
     response_buckets: allowed response lengths R; None = R is exactly max_new_tokens.
     stop_strings: strings that end a response (checked on the host, see the module docstring).
     tokenizer: a transformers tokenizer; needed (only) for stop_strings.
+    prompts_per_call: the most prompts prefilled and decoded together (their G samples each);
+      None = all prompts of a `sample` call at once. Bounds the KV cache; see the module
+      docstring.
   """
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int,
                mesh: Optional[Mesh] = None,
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                response_buckets: Optional[Sequence[int]] = None,
-               stop_strings: Sequence[str] = (), tokenizer: Any = None):
+               stop_strings: Sequence[str] = (), tokenizer: Any = None,
+               prompts_per_call: Optional[int] = None):
     self.model = model
     self.cfg = model.cfg
     self.eos_ids = tuple(int(e) for e in eos_ids)
@@ -239,6 +267,10 @@ class Sampler:
     if self.stop_strings and tokenizer is None:
       raise ValueError("stop_strings need a tokenizer to decode responses; pass tokenizer=.")
     self.tokenizer = tokenizer
+    if prompts_per_call is not None and prompts_per_call < 1:
+      raise ValueError(f"prompts_per_call must be >= 1 or None (all at once), got "
+                       f"{prompts_per_call}.")
+    self.prompts_per_call = prompts_per_call
     self.num_traces = 0  # python side effect of tracing: counts (re)compiles, for tests
     self._fns: dict[tuple[Any, ...], tuple[Any, Any]] = {}
     self._param_shardings = None if mesh is None else params_lib.param_shardings(self.cfg, mesh)
@@ -253,6 +285,12 @@ class Sampler:
     abstract = jax.eval_shape(
         lambda: KVCache.init(self.cfg, batch_size=batch_size, max_length=max_length))
     return sharding.logical_shardings(abstract, KVCache.logical_axes(), self.mesh)
+
+  def _rows(self, x: Array) -> Array:
+    """x placed with its rows over the mesh's batch axes (as the decode outputs are)."""
+    if self.mesh is None:
+      return x
+    return jax.device_put(x, self._named(("batch",) + (None,) * (x.ndim - 1), x.shape))
 
   # ---------------------------------------------------------------- compiled functions
 
@@ -275,16 +313,17 @@ class Sampler:
       self.num_traces += 1
       cache = KVCache.init(cfg, batch_size=num_prompts, max_length=max_length)
       out = model.apply({"params": params}, tokens_PT, mask_BT=mask_PT, cache=cache,
-                        return_hidden=True, compute_logits=False)
+                        cache_is_empty=True, return_hidden=True, compute_logits=False)
       # Left padding puts every prompt's last token in the last column.
       logits_PV = self._lm_logits(params, out.hidden[:, -1])
       logits_NV = jnp.repeat(logits_PV, group_size, axis=0)
       logits_NV = sharding.constrain(logits_NV, ("activation_batch", "activation_vocab"))
       return out.cache.repeat(group_size), logits_NV
 
-    def sample_step(i, logits_NV, key, done_N, tokens_NR, logp_NR, mask_NR):
-      tok_N, lp_N = sample_logits(logits_NV, jax.random.fold_in(key, i),
-                                  temperature=temperature, top_k=top_k, top_p=top_p)
+    def sample_step(i, logits_NV, key, row_ids_N, done_N, tokens_NR, logp_NR, mask_NR):
+      u_N = row_uniforms(jax.random.fold_in(key, i), row_ids_N)
+      tok_N, lp_N = sample_logits(logits_NV, u_N, temperature=temperature, top_k=top_k,
+                                  top_p=top_p)
       active_N = ~done_N
       tok_N = jnp.where(active_N, tok_N, pad_id)
       lp_N = jnp.where(active_N, lp_N, 0.0)
@@ -296,7 +335,7 @@ class Sampler:
         done_N = done_N | (active_N & is_eos_N)
       return tok_N, done_N, tokens_NR, logp_NR, mask_NR
 
-    def decode(params, cache, logits_NV, key, max_new_tokens):
+    def decode(params, cache, logits_NV, key, max_new_tokens, row_ids_N):
       """Tokens 0 .. max_new_tokens-1; step i feeds token i-1, then samples token i."""
       self.num_traces += 1
       tokens_NR = jnp.full((n, response_len), pad_id, jnp.int32)
@@ -304,7 +343,7 @@ class Sampler:
       mask_NR = jnp.zeros((n, response_len), bool)
       done_N = jnp.zeros((n,), bool)
       tok_N, done_N, tokens_NR, logp_NR, mask_NR = sample_step(
-          0, logits_NV, key, done_N, tokens_NR, logp_NR, mask_NR)
+          0, logits_NV, key, row_ids_N, done_N, tokens_NR, logp_NR, mask_NR)
 
       def cond(carry):
         i, _, _, done_N, *_ = carry
@@ -318,7 +357,7 @@ class Sampler:
         logits_NV = sharding.constrain(self._lm_logits(params, out.hidden[:, 0]),
                                        ("activation_batch", "activation_vocab"))
         tok_N, done_N, tokens_NR, logp_NR, mask_NR = sample_step(
-            i, logits_NV, key, done_N, tokens_NR, logp_NR, mask_NR)
+            i, logits_NV, key, row_ids_N, done_N, tokens_NR, logp_NR, mask_NR)
         return i + 1, out.cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR
 
       carry = (jnp.int32(1), cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR)
@@ -336,7 +375,8 @@ class Sampler:
     rep = NamedSharding(self.mesh, PartitionSpec())
     prefill_fn = jax.jit(prefill, in_shardings=(self._param_shardings, rows_PT, rows_PT),
                          out_shardings=(cache_sh, rows_NV))
-    decode_fn = jax.jit(decode, in_shardings=(self._param_shardings, cache_sh, rows_NV, rep, rep),
+    decode_fn = jax.jit(decode, in_shardings=(self._param_shardings, cache_sh, rows_NV, rep, rep,
+                                              rows_N),
                         out_shardings=(rows_NR, rows_NR, rows_NR, rows_N, cache_sh),
                         donate_argnums=(1,))
     return prefill_fn, decode_fn
@@ -391,11 +431,17 @@ class Sampler:
                                   "lower it or add a larger bucket to response_buckets")
     if temperature == 0.0:  # greedy ignores truncation: the argmax survives any of it
       top_p, top_k = 1.0, 0
-    fn_key = (prompt_len, response_len, len(prompts), int(group_size), float(temperature),
+    num_prompts = len(prompts)
+    per_call = min(self.prompts_per_call or num_prompts, num_prompts)
+    num_calls = -(-num_prompts // per_call)
+    # The last chunk is padded with copies of the first prompt (rows dropped below), so every
+    # chunk runs the same compiled functions.
+    prompts = prompts + [prompts[0]] * (num_calls * per_call - num_prompts)
+    fn_key = (prompt_len, response_len, per_call, int(group_size), float(temperature),
               float(top_p), int(top_k))
     if fn_key not in self._fns:
       self._fns[fn_key] = self._build(
-          prompt_len=prompt_len, response_len=response_len, num_prompts=len(prompts),
+          prompt_len=prompt_len, response_len=response_len, num_prompts=per_call,
           group_size=int(group_size), temperature=float(temperature), top_p=float(top_p),
           top_k=int(top_k))
     prefill_fn, decode_fn = self._fns[fn_key]
@@ -407,23 +453,30 @@ class Sampler:
       mask_PT[i, prompt_len - len(p):] = True
     key = _as_typed_key(key)
     max_new = np.int32(max_new_tokens)
+    rows_per_call = per_call * group_size
 
-    if self.mesh is None:
-      cache, logits_NV = prefill_fn(params, tokens_PT, mask_PT)
-      tokens_NR, mask_NR, logp_NR, truncated_N, _ = decode_fn(params, cache, logits_NV, key,
-                                                              max_new)
-    else:
+    if self.mesh is not None:
       params = jax.device_put(params, self._param_shardings)
-      with sharding.use_mesh(self.mesh):
-        cache, logits_NV = prefill_fn(params, tokens_PT, mask_PT)
-        tokens_NR, mask_NR, logp_NR, truncated_N, _ = decode_fn(params, cache, logits_NV, key,
-                                                                max_new)
-    del cache  # donated
+    outs = []
+    with sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      for c in range(num_calls):
+        chunk = slice(c * per_call, (c + 1) * per_call)
+        row_ids_N = np.arange(c * rows_per_call, (c + 1) * rows_per_call, dtype=np.int32)
+        cache, logits_NV = prefill_fn(params, tokens_PT[chunk], mask_PT[chunk])
+        outs.append(decode_fn(params, cache, logits_NV, key, max_new, row_ids_N)[:4])
+        del cache  # donated
+    if num_calls == 1:
+      tokens_NR, mask_NR, logp_NR, truncated_N = outs[0]
+    else:
+      tokens_NR, mask_NR, logp_NR, truncated_N = (
+          self._rows(jnp.concatenate(parts, axis=0)[:num_prompts * group_size])
+          for parts in zip(*outs))
 
     rows = tokens_NR.sharding  # the prompt side goes where the response rows are
+    take = lambda x: np.repeat(x[:num_prompts], group_size, axis=0)
     out = SampleOutput(
-        prompt_tokens=jax.device_put(np.repeat(tokens_PT, group_size, axis=0), rows),
-        prompt_mask=jax.device_put(np.repeat(mask_PT, group_size, axis=0), rows),
+        prompt_tokens=jax.device_put(take(tokens_PT), rows),
+        prompt_mask=jax.device_put(take(mask_PT), rows),
         response_tokens=tokens_NR, response_mask=mask_NR, logp=logp_NR,
         truncated=truncated_N, lengths=jnp.sum(mask_NR, axis=1, dtype=jnp.int32))
     if self.stop_strings:

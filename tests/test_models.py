@@ -112,16 +112,21 @@ def test_rope_frequencies_match_transformers(rope_parameters):
   assert factor == pytest.approx(factor_ref, rel=1e-6)
 
 
-def test_cached_decoding_equals_full_forward(checkpoints):
-  """Prefill left-padded prompts, then 3 single-token steps and a 2-token chunk."""
+@pytest.mark.parametrize("impl,empty", [("einsum", False), ("einsum", True), ("jax", False)])
+def test_cached_decoding_equals_full_forward(checkpoints, impl, empty):
+  """Prefill left-padded prompts, then 3 single-token steps and a 2-token chunk; the prefill
+  reads the empty cache or not (`cache_is_empty`), with either attention implementation."""
   _, cfg, params = checkpoints["qwen2_untied"]
+  cfg = cfg.replace(attention_impl=impl)
   prompts, mask = models.pad_batch(SEQS, pad_id=0, side="left")
   cont = np.array([[7, 8, 9, 10, 11], [20, 21, 22, 23, 24], [30, 31, 32, 33, 34]], np.int32)
   full = np.asarray(_forward(cfg, params, np.concatenate([prompts, cont], 1),
                              np.concatenate([mask, np.ones_like(cont, bool)], 1)).logits)
 
   cache = models.KVCache.init(cfg, batch_size=3, max_length=16)
-  out = _forward(cfg, params, prompts, mask, cache=cache)
+  out = jax.jit(lambda p, t, m, c: models.Decoder(cfg).apply(
+      {"params": p}, t, mask_BT=m, cache=c, cache_is_empty=empty))(
+          params, jnp.asarray(prompts), jnp.asarray(mask), cache)
   got = [np.asarray(out.logits)]
   for t in range(3):
     out = _forward(cfg, params, cont[:, t:t + 1], cache=out.cache)

@@ -305,3 +305,21 @@ def test_first_above_never_returns_a_zero_mass_index():
   valid = jnp.asarray([[False, True, False, True, False]] * 3)
   got = sampler_lib._first_above(cdf, jnp.asarray([0.0, 1.0, 3.0]), valid)  # pylint: disable=protected-access
   np.testing.assert_array_equal(got, [1, 3, 3])
+
+
+@pytest.mark.parametrize("per_call", [1, 3])
+def test_prompts_per_call_chunks_equal_one_call(tiny, samples, per_call):
+  """Chunks of 1 or 3 prompts (the last one padded) give the rows of a single call: a row's
+  draws depend on its global index only. One compile serves every chunk."""
+  _, cfg, params = tiny
+  smp = sampler_lib.Sampler(models.Decoder(cfg), eos_ids=EOS_IDS, pad_id=PAD,
+                            prompt_buckets=(16, 32), response_buckets=(MAX_NEW, 16),
+                            prompts_per_call=per_call)
+  out = smp.sample(params, PROMPTS, jax.random.key(0), group_size=G, max_new_tokens=MAX_NEW,
+                   temperature=1.0)
+  assert smp.num_traces == 2  # prefill + decode, once
+  ref = samples[1.0]
+  for name in ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask",
+               "truncated", "lengths"):
+    np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
+  np.testing.assert_allclose(out.logp, ref.logp, atol=1e-5, rtol=0)

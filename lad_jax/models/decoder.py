@@ -289,16 +289,21 @@ def _attend_jax(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
 
 
 class Attention(nn.Module):
-  """GQA self-attention with RoPE, optional q/k/v (and o) bias, optional KV cache."""
+  """GQA self-attention with RoPE, optional q/k/v (and o) bias, optional KV cache.
+
+  return_kv: also return the new tokens' (k [B, K, H, T], v [B, K, T, H]) in the cache layout
+  (set whenever the decoder has a cache, even an empty one it does not read).
+  """
 
   cfg: ModelConfig
+  return_kv: bool = False
 
   @nn.compact
   def __call__(self, x_BTD: Array, sin_BTh: Array, cos_BTh: Array, mask_BTS: Array,
                mask_new_BTT: Optional[Array], layer_cache: Optional[tuple[Array, Array]]
                ) -> tuple[Array, Optional[tuple[Array, Array]]]:
-    """With a cache, `mask_BTS` masks its S slots, `mask_new_BTT` the T new tokens, and the
-    returned pair is the new tokens' (k, v) [B, K, T, H] for the caller to write at its index."""
+    """With a cache, `mask_BTS` masks its S slots and `mask_new_BTT` the T new tokens; without
+    one, `mask_BTS` is [B, T, T] over the new tokens."""
     cfg = self.cfg
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = Linear(cfg, (d,), (n, h), ("embed",), ("q_heads", "head_dim"), cfg.qkv_bias,
@@ -313,15 +318,16 @@ class Attention(nn.Module):
     k_BKTH = sharding.constrain(
         rope.apply_rope(kk, sin_BTh, cos_BTh).transpose(0, 2, 1, 3), ACT_BKTH)
     v_BKTH = sharding.constrain(v.transpose(0, 2, 1, 3), ACT_BKTH)
-    new_kv = None
     if layer_cache is not None:
       ck, cv = layer_cache
-      # Rounded to the cache dtype first, so attending to a token now and later from the cache
+      # Rounded to the cache dtype, so attending to a token now and later from the cache
       # gives the same result.
-      kn_BKTH, vn_BKTH = k_BKTH.astype(ck.dtype), v_BKTH.astype(cv.dtype)
-      new_kv = (kn_BKTH.transpose(0, 1, 3, 2), vn_BKTH)  # cache layouts [B,K,H,T], [B,K,T,H]
+      k_BKTH = k_BKTH.astype(ck.dtype).astype(k_BKTH.dtype)
+      v_BKTH = v_BKTH.astype(cv.dtype).astype(v_BKTH.dtype)
+    new_kv = (k_BKTH.transpose(0, 1, 3, 2), v_BKTH) if self.return_kv else None
+    if layer_cache is not None:
+      kn_BKTH, vn_BKTH = k_BKTH, v_BKTH
       ck, cv = sharding.constrain(ck, CACHE_BKHS), sharding.constrain(cv, CACHE_BKSH)
-      kn_BKTH, vn_BKTH = kn_BKTH.astype(cfg.dtype), vn_BKTH.astype(cfg.dtype)
       if cfg.attention_impl == "jax":
         out_BTNH = _attend_jax(
             q_BTNH, jnp.concatenate([ck.astype(cfg.dtype).transpose(0, 1, 3, 2), kn_BKTH],
@@ -349,6 +355,7 @@ class Block(nn.Module):
   """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)). Scanned over layers."""
 
   cfg: ModelConfig
+  return_kv: bool = False
 
   @nn.compact
   def __call__(self, x_BTD: Array, layer_cache: Optional[tuple[Array, Array]],
@@ -356,7 +363,7 @@ class Block(nn.Module):
                mask_new_BTT: Optional[Array]) -> tuple[Array, Optional[tuple[Array, Array]]]:
     cfg = self.cfg
     h = RMSNorm(cfg, name="input_layernorm")(x_BTD)
-    a, new_kv = Attention(cfg, name="self_attn")(h, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT,
+    a, new_kv = Attention(cfg, self.return_kv, name="self_attn")(h, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT,
                                                  layer_cache)
     x_BTD = sharding.constrain(x_BTD + a, ACT_BTD)
     h = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
@@ -407,7 +414,8 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, tokens_BT: Array, *, positions_BT: Optional[Array] = None,
                mask_BT: Optional[Array] = None, cache: Optional[KVCache] = None,
-               return_hidden: bool = False, compute_logits: bool = True) -> DecoderOutput:
+               cache_is_empty: bool = False, return_hidden: bool = False,
+               compute_logits: bool = True) -> DecoderOutput:
     """Runs the decoder on [B, T] tokens.
 
     Args:
@@ -415,6 +423,9 @@ class Decoder(nn.Module):
       positions_BT: RoPE positions; default `default_positions(mask_BT, cache.next_position)`.
       mask_BT: 0 / False = padding; else segment id (bool -> one segment). Default: all valid.
       cache: a KVCache to read and extend (prefill or decode); None = no cache.
+      cache_is_empty: the caller promises `cache` holds nothing yet (index 0, a prefill): the
+        tokens attend only to each other, as without a cache (causal blocks for long prompts),
+        instead of also to S empty slots; the cache is written the same way.
       return_hidden: also return the final-norm hidden states [B, T, D].
       compute_logits: False skips the LM head (use `logprobs.token_logprobs` on the hidden).
 
@@ -442,12 +453,16 @@ class Decoder(nn.Module):
       if t > cache.max_length:
         raise ValueError(f"{t} tokens do not fit a cache of max_length {cache.max_length}.")
       index = cache.index
-      layer_caches = (cache.k, cache.v)
-      # The cache's own slots (those before index; later ones are empty) and the new tokens
-      # separately: the layers read the cache and never write it (see _attend_cached_einsum).
-      written_S = jnp.arange(cache.max_length) < index
-      mask_BTS = same_segment(cache.segment_ids) & written_S[None, None, :]
-      mask_new_BTT = same_segment(seg_BT) & causal_TT[None]
+      if cache_is_empty:
+        layer_caches = None
+        mask_BTS, mask_new_BTT = same_segment(seg_BT) & causal_TT[None], None
+      else:
+        layer_caches = (cache.k, cache.v)
+        # The cache's own slots (those before index; later ones are empty) and the new tokens
+        # separately: the layers read the cache and never write it (_attend_cached_einsum).
+        written_S = jnp.arange(cache.max_length) < index
+        mask_BTS = same_segment(cache.segment_ids) & written_S[None, None, :]
+        mask_new_BTT = same_segment(seg_BT) & causal_TT[None]
 
     embed = Embed(cfg, name="embed_tokens")
     x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
@@ -463,7 +478,7 @@ class Decoder(nn.Module):
         length=cfg.num_layers,
         unroll=min(cfg.scan_unroll, cfg.num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, name="layers")
+    )(cfg, cache is not None, name="layers")
     x_BTD, new_kv = layers(x_BTD, layer_caches, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT)
 
     hidden_BTD = RMSNorm(cfg, name="norm")(x_BTD)
@@ -483,8 +498,10 @@ class Decoder(nn.Module):
       last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
       # One in-place write of every layer's T new slots (the cache buffer is donated / a loop
       # carry, so XLA updates it without a copy).
-      new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0], (0, 0, 0, 0, index))
-      new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1], (0, 0, 0, index, 0))
+      new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype),
+                                           (0, 0, 0, 0, index))
+      new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype),
+                                           (0, 0, 0, index, 0))
       new_cache = KVCache(
           k=new_k, v=new_v,
           segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index)),
