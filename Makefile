@@ -23,7 +23,7 @@ $(VENV)/.installed: $(BIN)/python requirements.txt requirements-test.txt pyproje
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
-	$(BIN)/python experiments/bandit.py
+	$(BIN)/python experiments/math_rl.py
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -n 2 --durations=15 tests

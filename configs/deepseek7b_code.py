@@ -37,6 +37,7 @@ def get_config(arg=None):
   c.sampling.max_new_tokens = 8192
   c.sampling.temperature = 1.0
   c.sampling.prompt_buckets = (512, 1024, 2048)
+  c.sampling.rows_per_call = 256  # bounds the KV cache, as in configs/qwen7b.py
   c.train.prompts_per_step = 64
   c.train.mini_batches = 4
   c.train.micro_batches = 16

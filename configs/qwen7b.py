@@ -41,6 +41,9 @@ def math_protocol(c):
   c.sampling.max_new_tokens = 8192
   c.sampling.temperature = 1.0
   c.sampling.prompt_buckets = (256, 512, 1024, 2048)
+  # 2048 rows at once would need a ~600 GB bf16 KV cache for a 7B model (57 KB per token slot x
+  # (2048 + 8192) slots per row); 256 rows is ~150 GB, ~19 GB per device over 8 devices.
+  c.sampling.rows_per_call = 256
   c.train.prompts_per_step = 256
   c.train.mini_batches = 8  # 8 policy updates per rollout
   c.train.micro_batches = 16

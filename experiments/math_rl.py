@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 # Runs from a checkout without `pip install -e .`: configs and lad_jax live next to this folder.
@@ -43,12 +45,19 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would bury the progress bar
+    # tfds warns once per generated dataset that its builder config is ours, not a registered one.
+    logging.get_absl_logger().addFilter(
+        lambda record: not record.getMessage().startswith("Using custom data configuration"))
+  config = _CONFIG.value
+  t0 = time.perf_counter()
   try:
-    rl.main(_CONFIG.value)
+    rl.main(config)
   except config_utils.ConfigError as e:
     # A config problem: the message says what to fix, a traceback would only bury it.
     print(f"math_rl: error: {e}", file=sys.stderr)
     sys.exit(2)
+  if jax.process_index() == 0:
+    print(rl.summary(config, wall_s=time.perf_counter() - t0))
 
 
 if __name__ == "__main__":

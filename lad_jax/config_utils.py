@@ -94,6 +94,9 @@ def base_config() -> ConfigDict:
   c.data.template = "procedural"  # lad_jax.data.prompts.TEMPLATES key
   c.data.chat_template = True  # False: raw prompt text (base models without a chat template)
   c.data.system_prompt = config_dict.placeholder(str)
+  # Few-shot examples: ((question, response), ...) shown as earlier user / assistant turns, each
+  # question formatted with data.template (lad_jax.data.prompts).
+  c.data.few_shot = ()
   c.data.procedural_size = 1000
   c.data.procedural_eval_size = 64
   c.data.difficulty = ConfigDict()  # reasoning-gym task settings
@@ -104,6 +107,9 @@ def base_config() -> ConfigDict:
   c.verifier.workers = 2
   c.verifier.timeout_s = 5.0
   c.verifier.reward = "binary"  # math: binary (1/0) | dapo (+1/-1)
+  # Procedural answer extraction (verifiers.procedural.EXTRACT_MODES): "tag" = <answer> tags or
+  # a box only; "tag_or_last_number" = else the last number in the response (lenient).
+  c.verifier.extract = "tag"
 
   c.sampling = ConfigDict()
   c.sampling.group_size = 4
@@ -113,6 +119,9 @@ def base_config() -> ConfigDict:
   c.sampling.top_k = 0
   c.sampling.prompt_buckets = (64, 128, 256, 512, 1024, 2048)
   c.sampling.stop_strings = ()
+  # The most rows (prompts x G) decoded together; None = a whole step's (or eval's) prompts at
+  # once. Bounds the KV cache: rows x (prompt bucket + max_new_tokens) slots.
+  c.sampling.rows_per_call = config_dict.placeholder(int)
 
   c.loss = ConfigDict()
   c.loss.name = "lad"
@@ -159,6 +168,9 @@ def base_config() -> ConfigDict:
 
   c.eval = ConfigDict()
   c.eval.every = 0  # steps; 0: never (also runs after the last step when > 0)
+  # Also evaluate the initial model, logged as step 0 (verl val_before_train); with
+  # train.num_steps=0 the run only does this.
+  c.eval.before_train = False
   c.eval.num_prompts = 8
   c.eval.samples = 4  # k of Avg@k / Pass@k
   c.eval.pass_k = (1,)  # Pass@k reported for these k (and for `samples`)
@@ -304,12 +316,20 @@ def validate(config: ConfigDict) -> None:
       config.tokenizer.path):
     raise ConfigError("A random model has no tokenizer of its own: set config.tokenizer.kind="
                       "'char' or config.tokenizer.path.")
-  _check_positive(config, "train.num_steps", "train.prompts_per_step", "train.mini_batches",
+  if config.train.num_steps is None or config.train.num_steps < 0:
+    raise ConfigError(f"config.train.num_steps must be >= 0, got {config.train.num_steps!r}.")
+  if config.train.num_steps == 0 and not (config.eval.before_train and eval_sets(config)):
+    raise ConfigError("config.train.num_steps=0 only evaluates the initial model: set "
+                      "config.eval.before_train=True and config.data.eval.")
+  _check_positive(config, "train.prompts_per_step", "train.mini_batches",
                   "train.epochs", "train.micro_batches", "sampling.group_size",
                   "sampling.max_new_tokens", "sampling.temperature", "optim.lr",
                   "eval.num_prompts", "eval.samples", "eval.temperature",
                   "dynamic_sampling.max_gen_batches", "data.max_prompt_tokens",
                   "verifier.workers", "verifier.timeout_s")
+  if config.sampling.rows_per_call is not None and config.sampling.rows_per_call < 1:
+    raise ConfigError(f"config.sampling.rows_per_call must be >= 1 or None (all rows at once), "
+                      f"got {config.sampling.rows_per_call}.")
   rows = config.train.prompts_per_step * config.sampling.group_size
   per_update = config.train.mini_batches
   if config.train.prompts_per_step % per_update:
@@ -342,8 +362,16 @@ def validate(config: ConfigDict) -> None:
     advantages_lib.get(estimator, **estimator_kwargs(config, estimator))
   except ValueError as e:
     raise ConfigError(str(e)) from e
+  try:
+    prompts.check_examples(config.data.few_shot)
+  except ValueError as e:
+    raise ConfigError(f"config.data.few_shot: {e}") from e
+  if config.data.task != "procedural" and config.verifier.extract != "tag":
+    raise ConfigError(f"config.verifier.extract={config.verifier.extract!r} applies to "
+                      f"procedural tasks only (data.task={config.data.task!r}); leave it 'tag'.")
   if config.data.task == "procedural":
     from lad_jax.verifiers import procedural  # pylint: disable=g-import-not-at-top
+    _check_choice("verifier.extract", config.verifier.extract, procedural.EXTRACT_MODES)
     for task in [config.data.train] + eval_sets(config):
       if task not in procedural.TASKS:
         raise ConfigError(f"Unknown procedural task {task!r}; valid ones: "

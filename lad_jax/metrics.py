@@ -89,13 +89,53 @@ def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0) -> jax.A
   return logz - jnp.sum(jax.nn.softmax(z, axis=-1) * z, axis=-1)
 
 
+def truncate_jsonl(path: str, first_step: int) -> int:
+  """Drops the rows of a JSON-lines file whose "step" is >= first_step; returns how many.
+
+  A run resumed from the checkpoint of step s writes steps s+1, s+2, ... again; rows of those
+  steps from before the restart would otherwise stay next to the new ones. Rewrites the file
+  atomically (a missing file is fine); unparsable lines (a write cut off by the kill) go too.
+  """
+  if not os.path.exists(path):
+    return 0
+  kept, dropped = [], 0
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        step = json.loads(line).get("step")
+      except json.JSONDecodeError:
+        dropped += 1
+        continue
+      if step is not None and step >= first_step:
+        dropped += 1
+      else:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  if dropped:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(kept)
+    os.replace(tmp, path)
+  return dropped
+
+
 class MetricWriter:
   """Writes scalar metrics as JSON lines and, if tensorboardX is importable, TensorBoard events.
 
   Only process 0 writes on multi-host runs.
+
+  Args:
+    logdir: where metrics.jsonl and the event files go.
+    tensorboard: also write TensorBoard events.
+    first_step: the first step this run writes (s + 1 after resuming from the checkpoint of
+      step s; 0 for a fresh run). Rows of this and later steps left by an earlier attempt are
+      removed from metrics.jsonl, and TensorBoard hides their events (`purge_step`), so every
+      step appears once. None keeps everything (plain appending).
   """
 
-  def __init__(self, logdir: str, *, tensorboard: bool = True):
+  def __init__(self, logdir: str, *, tensorboard: bool = True,
+               first_step: Optional[int] = None):
     self.logdir = logdir
     self._active = jax.process_index() == 0
     self._jsonl = None
@@ -103,11 +143,14 @@ class MetricWriter:
     if not self._active:
       return
     os.makedirs(logdir, exist_ok=True)
-    self._jsonl = open(os.path.join(logdir, "metrics.jsonl"), "a", encoding="utf-8")
+    path = os.path.join(logdir, "metrics.jsonl")
+    if first_step is not None:
+      truncate_jsonl(path, first_step)
+    self._jsonl = open(path, "a", encoding="utf-8")
     if tensorboard:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-        self._tb = SummaryWriter(logdir)
+        self._tb = SummaryWriter(logdir, purge_step=first_step)
       except ImportError:
         self._tb = None
 

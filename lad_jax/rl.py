@@ -18,6 +18,7 @@ device results are gathered with `process_allgather`, and only process 0 writes 
 
   from lad_jax import rl
   rl.main(config)      # config: see lad_jax/config_utils.py and configs/*.py
+  print(rl.summary(config))   # per-step table of the key metrics, evaluations, output paths
 """
 
 from __future__ import annotations
@@ -121,6 +122,7 @@ def build_task(config) -> Task:
   """The task of `config.data` with its verifier (worker processes start here)."""
   from lad_jax import verifiers  # pylint: disable=g-import-not-at-top
   from lad_jax.data import builders  # pylint: disable=g-import-not-at-top
+  from lad_jax.verifiers import procedural  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
   data, vcfg = config.data, config.verifier
@@ -134,7 +136,9 @@ def build_task(config) -> Task:
                                             size=data.procedural_eval_size,
                                             data_dir=data.data_dir, **difficulty)
              for name in eval_names}
-    verifier = verifiers.ProceduralVerifier(workers=vcfg.workers, timeout_s=vcfg.timeout_s)
+    verifier = verifiers.ProceduralVerifier(
+        workers=vcfg.workers, timeout_s=vcfg.timeout_s,
+        extractors=procedural.extractors_for(vcfg.extract))
     return Task(train=train, evals=evals, question=lambda r: r["question"],
                 score=lambda resp, recs: verifier.score(resp, [r["entry"] for r in recs]),
                 close=verifier.close)
@@ -171,16 +175,18 @@ def build_task(config) -> Task:
 
 
 class PromptEncoder:
-  """record -> prompt token ids (template + chat template); None if too long.
+  """record -> prompt token ids (few-shot turns + template + chat template); None if too long.
 
   A record's own "template" key (HumanEval: code_function) overrides config.data.template.
   """
 
   def __init__(self, tokenizer: Any, task: Task, config):
+    from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
     self._tokenizer = tokenizer
     self._question = task.question
     self._template = config.data.template
     self._system = config.data.system_prompt
+    self._examples = prompts.check_examples(config.data.few_shot)
     self._chat = bool(config.data.chat_template) and bool(
         getattr(tokenizer, "chat_template", None))
     self._max = int(config.data.max_prompt_tokens)
@@ -191,12 +197,11 @@ class PromptEncoder:
     template = record.get("template", self._template)
     if self._chat:
       ids = prompts.apply_chat_template(self._tokenizer, question, template=template,
-                                        system_prompt=self._system, tokenize=True)
+                                        system_prompt=self._system, tokenize=True,
+                                        examples=self._examples)
     else:
-      text = prompts.format_prompt(question, template=template)
-      if self._system:
-        text = self._system + "\n\n" + text
-      ids = self._tokenizer.encode(text)
+      ids = self._tokenizer.encode(prompts.format_text_prompt(
+          question, template=template, system_prompt=self._system, examples=self._examples))
     ids = [int(i) for i in ids]
     return ids if 0 < len(ids) <= self._max else None
 
@@ -298,9 +303,25 @@ def special_ids(tokenizer: Any, model_cfg) -> tuple[list[int], int]:
 
 
 def maybe_initialize_distributed(config) -> None:
-  """jax.distributed.initialize() when config.distributed is set (before any device use)."""
-  if config.distributed and jax.process_count() == 1:
-    jax.distributed.initialize()
+  """jax.distributed.initialize() when config.distributed is set (before any device use).
+
+  The cluster comes from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID when they
+  are set (jax itself reads only the first), else from jax's auto-detection (SLURM, Open MPI,
+  TPU pods, ...). `jax.process_count()` must not be asked first: it would start the backend.
+  """
+  if config.distributed and not jax.distributed.is_initialized():
+    env = os.environ
+    kwargs = {}
+    if "JAX_NUM_PROCESSES" in env or "JAX_PROCESS_ID" in env:
+      missing = [v for v in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+                 if v not in env]
+      if missing:
+        raise ConfigError(f"config.distributed with JAX_NUM_PROCESSES / JAX_PROCESS_ID set "
+                          f"also needs {missing} in the environment of every process.")
+      kwargs = dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+                    num_processes=int(env["JAX_NUM_PROCESSES"]),
+                    process_id=int(env["JAX_PROCESS_ID"]))
+    jax.distributed.initialize(**kwargs)
 
 
 def _to_host(x: Any) -> np.ndarray:
@@ -590,6 +611,52 @@ def _workdir(config) -> str:
   return os.path.expanduser(config.workdir or os.path.join("/tmp/lad_runs", config.name))
 
 
+# (column title, metric, format) of the end-of-run table.
+_SUMMARY_COLUMNS = (
+    ("step", "step", "{:>4.0f}"), ("reward", "critic/rewards/mean", "{:>6.3f}"),
+    ("acc", "critic/acc/mean", "{:>5.2f}"), ("len", "response_length/mean", "{:>5.1f}"),
+    ("pg_loss", "actor/pg_loss", "{:>8.4f}"), ("entropy", "actor/entropy", "{:>7.3f}"),
+    ("gen_s", "timing_s/gen", "{:>5.0f}"), ("update_s", "timing_s/update", "{:>8.0f}"),
+    ("eval_s", "timing_s/eval", "{:>6.0f}"), ("step_s", "timing_s/step", "{:>6.0f}"),
+)
+
+
+def summary(config, *, wall_s: Optional[float] = None) -> str:
+  """The end-of-run report: key metrics of every step, the last evaluation, where outputs are.
+
+  Reads <workdir>/metrics.jsonl, so it also covers steps run before a resume.
+  """
+  wd = _workdir(config)
+  path = os.path.join(wd, "metrics.jsonl")
+  rows = metrics_lib.read_jsonl(path) if os.path.exists(path) else []
+  steps = sum("critic/rewards/mean" in row for row in rows)
+  head = f"{config.name}: {steps} step(s)"
+  if wall_s is not None:
+    head += f", {wall_s / 60:.1f} min wall (this process)"
+  lines = [head]
+  widths = [len(fmt.format(0.0)) for _, _, fmt in _SUMMARY_COLUMNS]
+  if steps:
+    lines.append("  ".join(t.rjust(w) for (t, _, _), w in zip(_SUMMARY_COLUMNS, widths)))
+  for row in rows:
+    if "critic/rewards/mean" not in row:  # the step-0 evaluation row
+      continue
+    cells = []
+    for (_, name, fmt), w in zip(_SUMMARY_COLUMNS, widths):
+      value = row.get(name)
+      cells.append(fmt.format(value) if value is not None else "-".rjust(w))
+    lines.append("  ".join(cells))
+  for row in rows:
+    scores = ", ".join(f"{k[len('eval/'):]}={v:.3f}" for k, v in sorted(row.items())
+                       if k.startswith("eval/") and ("avg@" in k or "pass@" in k))
+    if scores:
+      when = "before training" if row["step"] == 0 else f"after step {row['step']:.0f}"
+      lines.append(f"eval {when}: {scores}")
+  lines.append(f"outputs in {wd}: metrics.jsonl (every metric, one line per step), "
+               "samples.jsonl (decoded rollouts), TensorBoard events "
+               f"(tensorboard --logdir {wd}), checkpoints/ (rerunning the command resumes)")
+  return "\n".join(lines)
+
+
 def prepare(config) -> None:
   """Validates the config and checks every file it needs; raises ConfigError before compiling."""
   config_utils.validate(config)
@@ -653,8 +720,8 @@ def _run(config, task: Optional[Task]) -> tuple[Any, dict[str, float]]:
   tx = train_lib.make_optimizer(lr=ocfg.lr, warmup_steps=ocfg.warmup_steps,
                                 weight_decay=ocfg.weight_decay, grad_clip=ocfg.grad_clip,
                                 b1=ocfg.b1, b2=ocfg.b2, eps=ocfg.eps, schedule=ocfg.schedule,
-                                total_steps=(config.train.num_steps * config.train.mini_batches
-                                             * config.train.epochs))
+                                total_steps=max(1, config.train.num_steps
+                                                * config.train.mini_batches * config.train.epochs))
   run_key = jax.random.key(config.seed)
   ref_params = jax.tree.map(jnp.copy, init_params) if needs_ref else None
   with_logz = "log_z" in objective.spec.needs
@@ -672,7 +739,8 @@ def _run(config, task: Optional[Task]) -> tuple[Any, dict[str, float]]:
   sampler = Sampler(model, eos_ids=eos_ids, pad_id=pad_id, mesh=mesh,
                     prompt_buckets=tuple(config.sampling.prompt_buckets),
                     stop_strings=tuple(config.sampling.stop_strings),
-                    tokenizer=tokenizer if config.sampling.stop_strings else None)
+                    tokenizer=tokenizer if config.sampling.stop_strings else None,
+                    rows_per_call=config.sampling.rows_per_call)
 
   ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
                                      max_to_keep=config.checkpoint.max_to_keep)
@@ -682,21 +750,41 @@ def _run(config, task: Optional[Task]) -> tuple[Any, dict[str, float]]:
     start, position = int(meta["step"]), int(meta["data_position"])
   stream = PromptStream(task.train, encoder, seed=config.seed, shuffle=config.data.shuffle,
                         position=position)
-  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard)
+  # Steps after the checkpoint are replayed, so their rows from before a kill are dropped; a
+  # fresh run (which may begin with the step-0 evaluation) starts the files over.
+  first_step = start + 1 if start else 0
+  writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard,
+                                    first_step=first_step)
   if jax.process_index() == 0:
+    metrics_lib.truncate_jsonl(os.path.join(workdir, "samples.jsonl"), first_step)
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
 
+  scfg, dcfg = config.sampling, config.dynamic_sampling
+  num_groups = config.train.prompts_per_step
   bar = None
   if config.log.progress_bar and jax.process_index() == 0:
     import tqdm  # pylint: disable=g-import-not-at-top
+    resumed = f", resuming after step {start}" if start else ""
+    print(f"{config.name}: {config.train.num_steps} steps of {num_groups} prompts x {g} samples"
+          f"{resumed}; outputs -> {workdir}", flush=True)
+    if start and start >= config.train.num_steps:
+      print(f"{config.name}: the checkpoint of step {start} completes this run; nothing left to "
+            f"do (raise --config.train.num_steps to continue, or delete {workdir} to start "
+            "over).", flush=True)
     bar = tqdm.tqdm(total=config.train.num_steps, initial=start, desc=config.name,
                     dynamic_ncols=True)
-  scfg, dcfg = config.sampling, config.dynamic_sampling
-  num_groups = config.train.prompts_per_step
   last: dict[str, float] = {}
+  # Every evaluation samples with the same key (common random numbers): the same prompts and
+  # the same random draws, so differences between steps come from the policy, not the noise.
+  eval_key = jax.random.fold_in(run_key, _EVAL)
   try:
+    if config.eval.before_train and start == 0 and task.evals:
+      t0 = time.perf_counter()
+      last = evaluate(sampler, state.params["model"], task, tokenizer, encoder, eval_key, config)
+      last["timing_s/eval"] = time.perf_counter() - t0
+      writer.write(0, last)
     for step in range(start, config.train.num_steps):
       t_step = time.perf_counter()
       step_key = jax.random.fold_in(jax.random.fold_in(run_key, _ROLLOUT), step)
@@ -766,8 +854,7 @@ def _run(config, task: Optional[Task]) -> tuple[Any, dict[str, float]]:
                                 done == config.train.num_steps) and task.evals:
         t0 = time.perf_counter()
         step_metrics.update(evaluate(sampler, state.params["model"], task, tokenizer, encoder,
-                                     jax.random.fold_in(jax.random.fold_in(run_key, _EVAL), done),
-                                     config))
+                                     eval_key, config))
         step_metrics["timing_s/eval"] = time.perf_counter() - t0
       writer.write(done, step_metrics)
       if jax.process_index() == 0:
@@ -784,8 +871,9 @@ def _run(config, task: Optional[Task]) -> tuple[Any, dict[str, float]]:
             "reward": f"{step_metrics['critic/rewards/mean']:.3f}",
             "acc": f"{step_metrics['critic/acc/mean']:.2f}",
             "loss": f"{step_metrics.get('actor/pg_loss', float('nan')):.4f}",
+            "ent": f"{step_metrics.get('actor/entropy', float('nan')):.3f}",
             "len": f"{step_metrics['response_length/mean']:.0f}",
-            "tok/s": f"{step_metrics['perf/throughput']:.0f}",
+            "s/step": f"{step_metrics['timing_s/step']:.0f}",
         })
   finally:
     if bar is not None:

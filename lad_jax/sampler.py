@@ -34,13 +34,13 @@ ratio pi_theta / pi_old is biased.
 
 Randomness: the token of row r at step i is drawn from the uniform of
 `fold_in(fold_in(key, i), r)`, r the row's index in the whole call, so a key fixes the output
-whether the rows are sharded or not and however they are split into `prompts_per_call` chunks.
+whether the rows are sharded or not and however they are split into `rows_per_call` chunks.
 
 Memory: the cache holds N = num_prompts * G rows of Tp + R slots. At paper scale (256 prompts x 8
-x 8192 tokens) that exceeds any accelerator, so `prompts_per_call` runs the prompts in chunks of
-that many (each chunk one prefill and one decode loop with the same compiled functions: the
-last chunk is padded with copies of a prompt, and every chunk uses the prompt bucket of the
-longest prompt of the call) and concatenates the rows.
+x 8192 tokens) that exceeds any accelerator, so `rows_per_call` runs the prompts in chunks of
+max(1, rows_per_call // G) prompts (each chunk one prefill and one decode loop with the same
+compiled functions: the last chunk is padded with copies of a prompt, and every chunk uses the
+prompt bucket of the longest prompt of the call) and concatenates the rows.
 
 Stop strings are checked on the host after decoding (they need the tokenizer): a row is cut
 after the first token whose decoded prefix contains a stop string (that token is kept, like an
@@ -217,6 +217,16 @@ def sample_logits(logits_NV: Array, u_N: Array, *, temperature: float, top_k: in
   return tokens_N, logp_N
 
 
+def put_host(x: np.ndarray, sharding: jax.sharding.Sharding) -> Array:
+  """A host array, the same on every process, as a global array with `sharding`.
+
+  Unlike `jax.device_put` (and numpy arguments to a jit with in_shardings), this also works on
+  several hosts, where some of the sharding's devices belong to other processes.
+  """
+  x = np.asarray(x)
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def _as_typed_key(key: Any) -> Array:
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
@@ -240,9 +250,9 @@ class Sampler:
     response_buckets: allowed response lengths R; None = R is exactly max_new_tokens.
     stop_strings: strings that end a response (checked on the host, see the module docstring).
     tokenizer: a transformers tokenizer; needed (only) for stop_strings.
-    prompts_per_call: the most prompts prefilled and decoded together (their G samples each);
-      None = all prompts of a `sample` call at once. Bounds the KV cache; see the module
-      docstring.
+    rows_per_call: the most rows (prompts x G) prefilled and decoded together (at least one
+      prompt's G); None = all prompts of a `sample` call at once. Bounds the KV cache to
+      rows_per_call x (Tp + R) slots; see the module docstring.
   """
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int,
@@ -250,7 +260,7 @@ class Sampler:
                prompt_buckets: Sequence[int] = DEFAULT_PROMPT_BUCKETS,
                response_buckets: Optional[Sequence[int]] = None,
                stop_strings: Sequence[str] = (), tokenizer: Any = None,
-               prompts_per_call: Optional[int] = None):
+               rows_per_call: Optional[int] = None):
     self.model = model
     self.cfg = model.cfg
     self.eos_ids = tuple(int(e) for e in eos_ids)
@@ -267,10 +277,9 @@ class Sampler:
     if self.stop_strings and tokenizer is None:
       raise ValueError("stop_strings need a tokenizer to decode responses; pass tokenizer=.")
     self.tokenizer = tokenizer
-    if prompts_per_call is not None and prompts_per_call < 1:
-      raise ValueError(f"prompts_per_call must be >= 1 or None (all at once), got "
-                       f"{prompts_per_call}.")
-    self.prompts_per_call = prompts_per_call
+    if rows_per_call is not None and rows_per_call < 1:
+      raise ValueError(f"rows_per_call must be >= 1 or None (all at once), got {rows_per_call}.")
+    self.rows_per_call = rows_per_call
     self.num_traces = 0  # python side effect of tracing: counts (re)compiles, for tests
     self._fns: dict[tuple[Any, ...], tuple[Any, Any]] = {}
     self._param_shardings = None if mesh is None else params_lib.param_shardings(self.cfg, mesh)
@@ -285,6 +294,12 @@ class Sampler:
     abstract = jax.eval_shape(
         lambda: KVCache.init(self.cfg, batch_size=batch_size, max_length=max_length))
     return sharding.logical_shardings(abstract, KVCache.logical_axes(), self.mesh)
+
+  def _put(self, x: np.ndarray, logical_axes: Sequence[Optional[str]]) -> Any:
+    """A host array for a jitted call: as is without a mesh, else placed in its shards."""
+    if self.mesh is None:
+      return x
+    return put_host(x, self._named(logical_axes, x.shape))
 
   def _rows(self, x: Array) -> Array:
     """x placed with its rows over the mesh's batch axes (as the decode outputs are)."""
@@ -335,9 +350,11 @@ class Sampler:
         done_N = done_N | (active_N & is_eos_N)
       return tok_N, done_N, tokens_NR, logp_NR, mask_NR
 
-    def decode(params, cache, logits_NV, key, max_new_tokens, row_ids_N):
+    def decode(params, cache, logits_NV, key, max_new_tokens, row_offset):
       """Tokens 0 .. max_new_tokens-1; step i feeds token i-1, then samples token i."""
       self.num_traces += 1
+      row_ids_N = sharding.constrain(row_offset + jnp.arange(n, dtype=jnp.int32),
+                                     ("activation_batch",))
       tokens_NR = jnp.full((n, response_len), pad_id, jnp.int32)
       logp_NR = jnp.zeros((n, response_len), jnp.float32)
       mask_NR = jnp.zeros((n, response_len), bool)
@@ -376,7 +393,7 @@ class Sampler:
     prefill_fn = jax.jit(prefill, in_shardings=(self._param_shardings, rows_PT, rows_PT),
                          out_shardings=(cache_sh, rows_NV))
     decode_fn = jax.jit(decode, in_shardings=(self._param_shardings, cache_sh, rows_NV, rep, rep,
-                                              rows_N),
+                                              rep),
                         out_shardings=(rows_NR, rows_NR, rows_NR, rows_N, cache_sh),
                         donate_argnums=(1,))
     return prefill_fn, decode_fn
@@ -432,7 +449,9 @@ class Sampler:
     if temperature == 0.0:  # greedy ignores truncation: the argmax survives any of it
       top_p, top_k = 1.0, 0
     num_prompts = len(prompts)
-    per_call = min(self.prompts_per_call or num_prompts, num_prompts)
+    per_call = num_prompts
+    if self.rows_per_call is not None:
+      per_call = min(max(1, self.rows_per_call // int(group_size)), num_prompts)
     num_calls = -(-num_prompts // per_call)
     # The last chunk is padded with copies of the first prompt (rows dropped below), so every
     # chunk runs the same compiled functions.
@@ -461,9 +480,10 @@ class Sampler:
     with sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       for c in range(num_calls):
         chunk = slice(c * per_call, (c + 1) * per_call)
-        row_ids_N = np.arange(c * rows_per_call, (c + 1) * rows_per_call, dtype=np.int32)
-        cache, logits_NV = prefill_fn(params, tokens_PT[chunk], mask_PT[chunk])
-        outs.append(decode_fn(params, cache, logits_NV, key, max_new, row_ids_N)[:4])
+        cache, logits_NV = prefill_fn(params, self._put(tokens_PT[chunk], ("batch", None)),
+                                      self._put(mask_PT[chunk], ("batch", None)))
+        outs.append(decode_fn(params, cache, logits_NV, key, max_new,
+                              np.int32(c * rows_per_call))[:4])
         del cache  # donated
     if num_calls == 1:
       tokens_NR, mask_NR, logp_NR, truncated_N = outs[0]
@@ -475,8 +495,8 @@ class Sampler:
     rows = tokens_NR.sharding  # the prompt side goes where the response rows are
     take = lambda x: np.repeat(x[:num_prompts], group_size, axis=0)
     out = SampleOutput(
-        prompt_tokens=jax.device_put(take(tokens_PT), rows),
-        prompt_mask=jax.device_put(take(mask_PT), rows),
+        prompt_tokens=put_host(take(tokens_PT), rows),
+        prompt_mask=put_host(take(mask_PT), rows),
         response_tokens=tokens_NR, response_mask=mask_NR, logp=logp_NR,
         truncated=truncated_N, lengths=jnp.sum(mask_NR, axis=1, dtype=jnp.int32))
     if self.stop_strings:
@@ -521,7 +541,7 @@ def apply_stop_strings(out: SampleOutput, *, stop_strings: Sequence[str], tokeni
       tok[r, k:] = pad_id
       lp[r, k:] = 0.0
       trunc[r] = False
-  put = lambda new, old: jax.device_put(new, old.sharding)
+  put = lambda new, old: put_host(new, old.sharding)
   return out.replace(response_tokens=put(tok, out.response_tokens),
                      response_mask=put(msk, out.response_mask), logp=put(lp, out.logp),
                      truncated=put(trunc, out.truncated),

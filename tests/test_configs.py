@@ -122,12 +122,29 @@ def test_unknown_key_is_named_with_its_valid_siblings():
     (lambda c: setattr(c.data, "train", "sudoku"), "Unknown procedural task"),
     (lambda c: setattr(c.model, "source", "onnx"), "model.source"),
     (lambda c: setattr(c.loss.hparams.lad, "divergence", "chi2"), "chi2"),
+    (lambda c: setattr(c.verifier, "extract", "number"), "verifier.extract"),
+    (lambda c: setattr(c.data, "few_shot", (("q",),)), "few_shot"),
+    (lambda c: setattr(c.train, "num_steps", 0), "before_train"),
 ])
 def test_bad_values_are_rejected(change, match):
   c = load_config("tiny")
   change(c)
   with pytest.raises(config_utils.ConfigError, match=match):
     config_utils.validate(c)
+
+
+def test_extract_mode_is_for_procedural_tasks_only():
+  c = load_config("qwen7b")
+  c.verifier.extract = "tag_or_last_number"
+  with pytest.raises(config_utils.ConfigError, match="procedural tasks only"):
+    config_utils.validate(c)
+
+
+def test_default_config_prompt_and_reward():
+  # The README main job: one worked example and the lenient extractor (see its docstring).
+  c = load_config("smollm2_135m")
+  assert c.verifier.extract == "tag_or_last_number" and len(c.data.few_shot) == 1
+  assert "<answer>" in c.data.few_shot[0][1]
 
 
 def test_missing_model_and_data_are_named(tmp_path):

@@ -75,3 +75,20 @@ def test_metric_writer_round_trip(tmp_path):
   assert [r["step"] for r in rows] == [1, 2]
   assert rows[0]["reward/mean"] == 0.5 and rows[0]["pg_loss"] == 1.25
   assert rows[1]["reward/mean"] == 0.75
+
+
+def test_metric_writer_drops_rows_of_replayed_steps(tmp_path):
+  # A run writes steps 1-3, checkpoints at 2, is killed and resumes after step 2.
+  with metrics.MetricWriter(str(tmp_path), tensorboard=False) as writer:
+    for step in (1, 2, 3):
+      writer.write(step, {"x": step})
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 4, "x": ')  # a line cut off by the kill
+  with metrics.MetricWriter(str(tmp_path), tensorboard=True, first_step=3) as writer:
+    writer.write(3, {"x": 30})
+  rows = metrics.read_jsonl(str(tmp_path / "metrics.jsonl"))
+  assert [(r["step"], r["x"]) for r in rows] == [(1, 1), (2, 2), (3, 30)]
+  # first_step=0 (a fresh run in an old workdir) starts the file over.
+  assert metrics.truncate_jsonl(str(tmp_path / "metrics.jsonl"), 0) == 3
+  assert metrics.read_jsonl(str(tmp_path / "metrics.jsonl")) == []
+  assert metrics.truncate_jsonl(str(tmp_path / "missing.jsonl"), 0) == 0

@@ -246,16 +246,60 @@ def test_two_step_run_baselines(tmp_path, compile_cache, name):
 def test_killed_run_resumes_to_the_same_result(tmp_path, compile_cache, lad_run):
   config, params_uninterrupted, _ = lad_run
   first = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
-  first.train.num_steps = 1  # "killed" right after the checkpoint of step 1
+  first.train.num_steps = 1  # "killed" right after the checkpoint of step 1 ...
   rl.run(first, task=fake_task())
+  # ... and after step 2 had logged its rows but before its checkpoint.
+  for name in ("metrics.jsonl", "samples.jsonl"):
+    with open(tmp_path / name, "a", encoding="utf-8") as f:
+      f.write('{"step": 2, "critic/rewards/mean": -1.0, "reward": -1.0}\n')
   resumed = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
   state, _ = rl.run(resumed, task=fake_task())
   jax.tree.map(np.testing.assert_array_equal, _params(state), params_uninterrupted)
   a = metrics_lib.read_jsonl(os.path.join(config.workdir, "metrics.jsonl"))
   b = metrics_lib.read_jsonl(os.path.join(resumed.workdir, "metrics.jsonl"))
-  assert [r["step"] for r in b] == [1, 2]
+  assert [r["step"] for r in b] == [1, 2]  # the stale step-2 row is gone, not duplicated
   for key in ("critic/rewards/mean", "data/position", "actor/pg_loss"):
     assert a[1][key] == b[1][key], key
+  samples = metrics_lib.read_jsonl(os.path.join(resumed.workdir, "samples.jsonl"))
+  assert [r["step"] for r in samples] == [1] * 4 + [2] * 4
+  assert all(r["reward"] >= 0 for r in samples)
+
+
+def test_summary_and_eval_before_training(tmp_path, compile_cache, lad_run):
+  config, _, _ = lad_run
+  text = rl.summary(config, wall_s=90.0)
+  lines = text.splitlines()
+  assert "2 step(s), 1.5 min" in lines[0]
+  assert lines[1].split()[:4] == ["step", "reward", "acc", "len"] and "entropy" in lines[1]
+  assert [ln.split()[0] for ln in lines[2:4]] == ["1", "2"]
+  assert "eval after step 2: fake/avg@4=" in text and config.workdir in lines[-1]
+  # train.num_steps=0 with eval.before_train only evaluates the initial model, as step 0.
+  only_eval = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
+  only_eval.train.num_steps = 0
+  only_eval.eval.before_train = True
+  for _ in range(2):  # without a checkpoint the second run starts over: one step-0 row
+    _, last = rl.run(only_eval, task=fake_task())
+  rows = metrics_lib.read_jsonl(os.path.join(only_eval.workdir, "metrics.jsonl"))
+  assert [r["step"] for r in rows] == [0] and "eval/fake/avg@4" in last
+  assert "eval before training: fake/avg@4=" in rl.summary(only_eval)
+
+
+def test_prompt_encoder_few_shot_turns(tmp_path):
+  from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
+  config = tiny_config(tmp_path, "lad")
+  config.data.few_shot = (("1 + 1 =", "<answer>2</answer>"),)
+  tok = rl.CharTokenizer()
+  ids = rl.PromptEncoder(tok, fake_task(), config)({"question": "2 + 5 ="})
+  text = tok.decode(ids)
+  # Raw-text path (no chat template): the example, then the question, same template.
+  assert text == (prompts.format_prompt("1 + 1 =", template="procedural")
+                  + "\n<answer>2</answer>\n\n"
+                  + prompts.format_prompt("2 + 5 =", template="procedural"))
+  messages = prompts.chat_messages("2 + 5 =", template="procedural", system_prompt="S",
+                                   examples=config.data.few_shot)
+  assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+  assert messages[2]["content"] == "<answer>2</answer>"
+  assert messages[1]["content"] == prompts.format_prompt("1 + 1 =", template="procedural")
 
 
 def test_real_verifier_with_dynamic_sampling(tmp_path, compile_cache):

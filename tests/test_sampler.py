@@ -307,14 +307,14 @@ def test_first_above_never_returns_a_zero_mass_index():
   np.testing.assert_array_equal(got, [1, 3, 3])
 
 
-@pytest.mark.parametrize("per_call", [1, 3])
-def test_prompts_per_call_chunks_equal_one_call(tiny, samples, per_call):
+@pytest.mark.parametrize("rows", [1, 3 * G + 1])
+def test_rows_per_call_chunks_equal_one_call(tiny, samples, rows):
   """Chunks of 1 or 3 prompts (the last one padded) give the rows of a single call: a row's
   draws depend on its global index only. One compile serves every chunk."""
   _, cfg, params = tiny
   smp = sampler_lib.Sampler(models.Decoder(cfg), eos_ids=EOS_IDS, pad_id=PAD,
                             prompt_buckets=(16, 32), response_buckets=(MAX_NEW, 16),
-                            prompts_per_call=per_call)
+                            rows_per_call=rows)
   out = smp.sample(params, PROMPTS, jax.random.key(0), group_size=G, max_new_tokens=MAX_NEW,
                    temperature=1.0)
   assert smp.num_traces == 2  # prefill + decode, once

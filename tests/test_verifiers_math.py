@@ -64,6 +64,29 @@ def test_extractor_order_and_dapo_tail():
   assert extraction.answer_line("Answer: 1\n" + "x" * 400, tail_chars=None) == "1"
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("0 - 4 = -4.", "-4"),           # a sign that touches the digits, sentence dot dropped
+    ("4-1=3", "3"),
+    ("4-1", "1"),                    # binary minus, not a sign
+    ("The total is 1,234 apples", "1234"),
+    ("3.5 and then 2.25.", "2.25"),
+    ("x2 = 7\nso x = 7", "7"),
+    ("no digits here", None),
+])
+def test_last_number(text, expected):
+  assert extraction.last_number(text) == expected
+
+
+def test_last_number_is_only_a_fallback():
+  # Tags and boxes win over numbers written after them.
+  assert extraction.extract_answer(
+      "<answer>5</answer> because 2 + 3", extractors=("answer_tag", "boxed", "last_number")
+  ) == ("5", "answer_tag")
+  assert extraction.extract_answer(
+      "2 + 3 = 5", extractors=("answer_tag", "boxed", "last_number")) == ("5", "last_number")
+  assert "last_number" not in extraction.DEFAULT_EXTRACTORS
+
+
 def test_unknown_extractor_is_a_clear_error():
   with pytest.raises(ValueError, match="valid ones"):
     extraction.extract_answer("x", extractors=("boxd",))

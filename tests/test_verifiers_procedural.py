@@ -87,3 +87,23 @@ def test_bad_arguments(entries, verifier):
     verifier.score(["<answer>1</answer>"], [])
   with pytest.raises(ValueError, match="not one of"):
     verifier.score(["<answer>1</answer>"], [{"question": "q", "answer": "1", "metadata": {}}])
+
+
+def test_extract_modes(entries, verifier):
+  e = entries["chain_sum"][0]
+  gold = e["answer"]
+  prose = f"{e['metadata']['expression']} = {gold}."
+  responses = [prose, f"<answer>{gold}</answer>", f"<answer>x</answer> so {gold}", "no number"]
+  # The shared verifier runs the default extractors, i.e. mode "tag".
+  assert procedural.extractors_for("tag") == verifier.extractors
+  tag = verifier.score(responses, [e] * 4)
+  with ProceduralVerifier(workers=1,
+                          extractors=procedural.extractors_for("tag_or_last_number")) as lenient:
+    last = lenient.score(responses, [e] * 4)
+  assert [r.reward for r in tag] == [0.0, 1.0, 0.0, 0.0]
+  assert tag[0].reason == "no_answer"
+  # The number is only a fallback: a (wrong) tagged answer still wins.
+  assert [r.reward for r in last] == [1.0, 1.0, 0.0, 0.0]
+  assert last[0].answer == gold and last[3].reason == "no_answer"
+  with pytest.raises(ValueError, match="valid ones"):
+    procedural.extractors_for("last")

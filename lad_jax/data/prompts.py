@@ -12,11 +12,17 @@ Templates:
   "code_function": HumanEval-style completion of a given function.
   "procedural": reasoning-gym questions, answer inside <answer></answer> (reasoning-gym's
     "default" system prompt convention).
+
+Few-shot examples (`examples=[(question, response), ...]`) go in front of the question as earlier
+user / assistant turns, each user turn formatted with the same template, so a small instruct
+model sees the answer format once before it has to produce it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
+
+Example = tuple[str, str]  # (question, the response to imitate)
 
 TEMPLATES = {
     "math": "{question}\nPlease reason step by step, and put your final answer within \\boxed{{}}.",
@@ -44,19 +50,45 @@ def format_prompt(question: str, *, template: str = "math") -> str:
   return TEMPLATES[template].format(question=question)
 
 
-def chat_messages(question: str, *, template: str = "math",
-                  system_prompt: Optional[str] = None) -> list[dict[str, str]]:
-  """[{"role": "system", ...}?, {"role": "user", ...}] for `question`."""
+def check_examples(examples: Sequence[Example]) -> list[Example]:
+  """Few-shot examples as a list of (question, response) str pairs; ValueError otherwise."""
+  out = []
+  for i, ex in enumerate(examples or ()):
+    if (not isinstance(ex, (tuple, list)) or len(ex) != 2
+        or not all(isinstance(s, str) and s.strip() for s in ex)):
+      raise ValueError(f"Few-shot example {i} must be a (question, response) pair of non-empty "
+                       f"strings, got {ex!r}.")
+    out.append((ex[0], ex[1]))
+  return out
+
+
+def format_text_prompt(question: str, *, template: str = "math",
+                       system_prompt: Optional[str] = None,
+                       examples: Sequence[Example] = ()) -> str:
+  """The raw-text prompt (no chat template): system, examples and question, blank-line separated."""
+  parts = [system_prompt] if system_prompt else []
+  for q, a in check_examples(examples):
+    parts.append(format_prompt(q, template=template) + "\n" + a)
+  parts.append(format_prompt(question, template=template))
+  return "\n\n".join(parts)
+
+
+def chat_messages(question: str, *, template: str = "math", system_prompt: Optional[str] = None,
+                  examples: Sequence[Example] = ()) -> list[dict[str, str]]:
+  """[system?, (user, assistant) per example..., user] messages for `question`."""
   messages = []
   if system_prompt:
     messages.append({"role": "system", "content": system_prompt})
+  for q, a in check_examples(examples):
+    messages.append({"role": "user", "content": format_prompt(q, template=template)})
+    messages.append({"role": "assistant", "content": a})
   messages.append({"role": "user", "content": format_prompt(question, template=template)})
   return messages
 
 
 def apply_chat_template(tokenizer: Any, question: str, *, template: str = "math",
                         system_prompt: Optional[str] = None, tokenize: bool = False,
-                        add_generation_prompt: bool = True):
+                        add_generation_prompt: bool = True, examples: Sequence[Example] = ()):
   """Formats `question` with `template` and the tokenizer's chat template.
 
   Args:
@@ -66,6 +98,7 @@ def apply_chat_template(tokenizer: Any, question: str, *, template: str = "math"
     system_prompt: optional system message (None: the chat template's default, if any).
     tokenize: return token ids (list[int]) instead of text.
     add_generation_prompt: end with the assistant turn's header, ready for sampling.
+    examples: few-shot (question, response) pairs, shown as earlier turns.
 
   Returns:
     The prompt text, or its token ids if `tokenize`.
@@ -76,7 +109,8 @@ def apply_chat_template(tokenizer: Any, question: str, *, template: str = "math"
   if getattr(tokenizer, "chat_template", "present") is None:
     raise ValueError("The tokenizer has no chat template (a base model's tokenizer?); set "
                      "tokenizer.chat_template, or use format_prompt for a raw prompt.")
-  messages = chat_messages(question, template=template, system_prompt=system_prompt)
+  messages = chat_messages(question, template=template, system_prompt=system_prompt,
+                           examples=examples)
   out = tokenizer.apply_chat_template(messages, tokenize=tokenize,
                                       add_generation_prompt=add_generation_prompt)
   if tokenize and hasattr(out, "keys") and "input_ids" in out:  # transformers 5: BatchEncoding

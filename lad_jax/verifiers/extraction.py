@@ -13,6 +13,10 @@ Conventions follow the reward code the baselines use:
 - `<answer>...</answer>`: the last closed tag pair (R1-style and reasoning-gym prompts); a box
   inside the tag wins over the raw tag text.
 - GSM8K: the text after the last `####` up to the end of its line.
+- Last number: the last integer or decimal anywhere in the text (verl `gsm8k.py`
+  `extract_solution(method="flexible")`); a lenient fallback for small models that answer
+  in prose ("0 - 4 = -4.") instead of the requested format. Never a default: it also rewards
+  a correct number that merely ends a wrong derivation.
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from typing import Callable, Optional, Sequence
 _BOX_COMMANDS = ("\\boxed", "\\fbox")
 _ANSWER_LINE_RE = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
 _DAPO_TAIL_CHARS = 300  # verl math_dapo.compute_score: solution_str[-300:]
+# A sign only when it touches the digits and is not a binary minus ("4-1" -> "4", "1"); commas
+# group thousands ("1,234"). No nested quantifiers, so matching stays linear.
+_NUMBER_RE = re.compile(r"(?<![\w.])-?\d+(?:,\d{3})*(?:\.\d+)?|(?<=\w)\d+(?:\.\d+)?")
 
 
 def _find_closing_brace(text: str, open_idx: int) -> Optional[int]:
@@ -128,11 +135,24 @@ def gsm8k_answer(text: str) -> Optional[str]:
   return content.rstrip(".").strip() or None
 
 
+def last_number(text: str) -> Optional[str]:
+  """The last number in `text` ("-4", "3.5", "1234" from "1,234"), trailing "." dropped; or None.
+
+  A "-" counts as a sign unless a letter, digit or "." comes right before it, so the last
+  number of "4-1" is "1" and of "0 - 4 = -4." is "-4".
+  """
+  matches = _NUMBER_RE.findall(text)
+  if not matches:
+    return None
+  return matches[-1].replace(",", "")
+
+
 EXTRACTORS: dict[str, Callable[[str], Optional[str]]] = {
     "boxed": last_boxed,
     "answer_tag": answer_tag,
     "answer_line": answer_line,
     "gsm8k": gsm8k_answer,
+    "last_number": last_number,
 }
 DEFAULT_EXTRACTORS = ("boxed", "answer_tag", "answer_line", "gsm8k")
 

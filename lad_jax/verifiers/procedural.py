@@ -6,7 +6,14 @@
 
 An entry is reasoning-gym's dict `{"question", "answer", "metadata"}` (JSON-serialisable; the
 dataset builders in `lad_jax.data` store it as JSON). The model's answer is taken from its output
-with the math extractors (`<answer>` tags, then the last box by default).
+with the math extractors; `EXTRACT_MODES` names the two choices (config `verifier.extract`):
+
+  "tag" (default): the last `<answer>...</answer>` pair, else the last `\\boxed{}`; a response
+    without either scores 0 (reason "no_answer"), as the prompt asks for the tags.
+  "tag_or_last_number": the same, else the last number anywhere in the response (verl gsm8k's
+    "flexible" mode). For small models that answer in prose ("0 - 4 = -4.") and would otherwise
+    get reward 0 on every sample, leaving GRPO-style groups without signal. The reward then
+    measures arithmetic, not the format.
 
 reasoning-gym grants partial credit by default (countdown: 0.05 for a wrong expression that uses
 the right numbers, 0.01 for anything else; gsm_symbolic: 0.01 for a wrong number). In `strict`
@@ -30,6 +37,18 @@ from lad_jax.verifiers.result import Result
 
 TASKS = ("countdown", "basic_arithmetic", "chain_sum", "gsm_symbolic")
 PROCEDURAL_EXTRACTORS = ("answer_tag", "boxed")
+EXTRACT_MODES = {
+    "tag": PROCEDURAL_EXTRACTORS,
+    "tag_or_last_number": PROCEDURAL_EXTRACTORS + ("last_number",),
+}
+
+
+def extractors_for(mode: str) -> tuple[str, ...]:
+  """The extractor names of an `EXTRACT_MODES` mode; ValueError naming the valid modes."""
+  if mode not in EXTRACT_MODES:
+    raise ValueError(f"Unknown answer extraction mode {mode!r}; valid ones: "
+                     f"{list(EXTRACT_MODES)}.")
+  return EXTRACT_MODES[mode]
 
 
 def _config_fields(name: str) -> list[str]:
