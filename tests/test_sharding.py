@@ -144,4 +144,7 @@ def test_kv_cache_shardings():
   assert shardings.index.spec == P()
   cache = jax.jit(lambda: models.KVCache.init(cfg, batch_size=8, max_length=32),
                   out_shardings=shardings)()
-  assert cache.k.addressable_shards[0].data.shape == (cfg.num_layers, 2, 1, 32, cfg.head_dim)
+  # keys [L, B, K, H, S], values [L, B, K, S, H]: rows over fsdp, kv heads over tensor.
+  assert cache.k.addressable_shards[0].data.shape == (cfg.num_layers, 2, 1, cfg.head_dim, 32)
+  assert cache.v.addressable_shards[0].data.shape == (cfg.num_layers, 2, 1, 32, cfg.head_dim)
+  assert shardings.v.spec == P(None, "fsdp", "tensor", None, None)
