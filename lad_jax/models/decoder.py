@@ -318,26 +318,7 @@ class Attention(nn.Module):
     k_BKTH = sharding.constrain(
         rope.apply_rope(kk, sin_BTh, cos_BTh).transpose(0, 2, 1, 3), ACT_BKTH)
     v_BKTH = sharding.constrain(v.transpose(0, 2, 1, 3), ACT_BKTH)
-    if layer_cache is not None:
-      ck, cv = layer_cache
-      # Rounded to the cache dtype, so attending to a token now and later from the cache
-      # gives the same result.
-      k_BKTH = k_BKTH.astype(ck.dtype).astype(k_BKTH.dtype)
-      v_BKTH = v_BKTH.astype(cv.dtype).astype(v_BKTH.dtype)
-    new_kv = (k_BKTH.transpose(0, 1, 3, 2), v_BKTH) if self.return_kv else None
-    if layer_cache is not None:
-      kn_BKTH, vn_BKTH = k_BKTH, v_BKTH
-      ck, cv = sharding.constrain(ck, CACHE_BKHS), sharding.constrain(cv, CACHE_BKSH)
-      if cfg.attention_impl == "jax":
-        out_BTNH = _attend_jax(
-            q_BTNH, jnp.concatenate([ck.astype(cfg.dtype).transpose(0, 1, 3, 2), kn_BKTH],
-                                    axis=2),
-            jnp.concatenate([cv.astype(cfg.dtype), vn_BKTH], axis=2),
-            jnp.concatenate([mask_BTS, mask_new_BTT], axis=2), cfg)
-      else:
-        out_BTNH = _attend_cached_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype),
-                                         mask_BTS, kn_BKTH, vn_BKTH, mask_new_BTT, cfg)
-    else:
+    if layer_cache is None:
       if cfg.attention_impl == "jax":
         attend = _attend_jax
       elif 0 < cfg.attention_block_size < x_BTD.shape[1]:
@@ -345,6 +326,22 @@ class Attention(nn.Module):
       else:
         attend = _attend_einsum
       out_BTNH = attend(q_BTNH, k_BKTH, v_BKTH, mask_BTS, cfg)
+    else:
+      ck = sharding.constrain(layer_cache[0], CACHE_BKHS).astype(cfg.dtype)
+      cv = sharding.constrain(layer_cache[1], CACHE_BKSH).astype(cfg.dtype)
+      # Rounded to the cache dtype, so attending to a token now and later from the cache
+      # gives the same result.
+      k_BKTH = k_BKTH.astype(layer_cache[0].dtype).astype(k_BKTH.dtype)
+      v_BKTH = v_BKTH.astype(layer_cache[1].dtype).astype(v_BKTH.dtype)
+      if cfg.attention_impl == "jax":
+        out_BTNH = _attend_jax(
+            q_BTNH, jnp.concatenate([ck.transpose(0, 1, 3, 2), k_BKTH], axis=2),
+            jnp.concatenate([cv, v_BKTH], axis=2),
+            jnp.concatenate([mask_BTS, mask_new_BTT], axis=2), cfg)
+      else:
+        out_BTNH = _attend_cached_einsum(q_BTNH, ck, cv, mask_BTS, k_BKTH, v_BKTH, mask_new_BTT,
+                                         cfg)
+    new_kv = (k_BKTH.transpose(0, 1, 3, 2), v_BKTH) if self.return_kv else None
     out_BTNH = sharding.constrain(out_BTNH, ACT_BTNH)
     out = Linear(cfg, (n, h), (d,), ("q_heads", "head_dim"), ("embed",), cfg.o_bias,
                  name="o_proj")(out_BTNH)
