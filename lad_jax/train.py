@@ -6,6 +6,7 @@
   train_step = train.make_train_step(model, objective, tx, mesh=mesh,
                                      state_shardings=state_shardings, micro_batches=4)
   state, metrics = train_step(state, batch)      # batch: see `BATCH_KEYS`
+  state, metrics = train_step(state, batch, prompt_length=P)  # no LM head on P prompt columns
 
 The step is one `jax.jit` with in/out shardings and the state donated. The batch loss is
 `sum_i s_i / sum_i d_i` over micro-batches i, with `(s_i, d_i) = losses.aggregate_parts(...)`; the
@@ -23,6 +24,7 @@ parameter (bf16 params + fp32 master + fp32 mu, nu = 14 bytes vs 12 for pure fp3
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping, Optional
 
@@ -30,6 +32,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -371,6 +374,20 @@ def _check_batch(batch: Mapping[str, Any], *, needs: tuple[str, ...], with_logz_
   return out
 
 
+def _check_prompt_length(prompt_length: int, batch: Mapping[str, Any]) -> int:
+  """prompt_length as a static int in [0, L); host masks must not score a prompt column."""
+  length = batch["tokens"].shape[1]
+  if isinstance(prompt_length, bool) or not isinstance(prompt_length, (int, np.integer)) or (
+      not 0 <= prompt_length < length):
+    raise ValueError(f"prompt_length must be an int in [0, {length}) (the number of prompt "
+                     f"columns of the [N, {length}] batch), got {prompt_length!r}.")
+  loss_mask = batch["loss_mask"]
+  if isinstance(loss_mask, np.ndarray) and prompt_length and np.any(loss_mask[:, :prompt_length]):
+    raise ValueError(f"loss_mask is True in a column < prompt_length={prompt_length}; those "
+                     "columns get no log-probability. Pass the prompt width of the batch (or 0).")
+  return int(prompt_length)
+
+
 def make_train_step(model: Decoder, objective: losses.Objective,
                     tx: optax.GradientTransformation, *, mesh: Mesh, state_shardings: TrainState,
                     micro_batches: int = 1, logp_temperature: float = 1.0,
@@ -412,10 +429,14 @@ def make_train_step(model: Decoder, objective: losses.Objective,
       {"xla_backend_optimization_level": 0}, which compiles tiny models ~3x faster on CPU).
 
   Returns:
-    train_step(state, batch) -> (new state, metrics): loss, grad_norm (before clipping), lr,
+    train_step(state, batch, *, prompt_length=0) -> (new state, metrics). prompt_length P (a
+    static int, one compile per value): columns < P are prompt, never in loss_mask, and get no
+    LM head (logp 0), which saves P / L of the head's FLOPs; the rollout layout [prompt P |
+    response R] passes its P. Metrics: loss, grad_norm (before clipping), lr,
     entropy (masked mean over loss_mask), tokens (number of loss tokens), and the objective's
     metrics (means over micro-batches). `train_step.num_traces()` counts traces (recompiles);
-    `train_step.jitted` is the underlying `jax.jit` function (call it under `sharding.use_mesh`).
+    `train_step.jitted_for(P)` is the underlying `jax.jit` function for prompt_length P
+    (`train_step.jitted` for P = 0; call them under `sharding.use_mesh`).
   """
   if micro_batches < 1:
     raise ValueError(f"micro_batches must be >= 1, got {micro_batches}.")
@@ -439,17 +460,19 @@ def make_train_step(model: Decoder, objective: losses.Objective,
   mb_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))
   traces = [0]
 
-  def loss_fn(params, mb, key, denominator):
+  def loss_fn(params, mb, key, denominator, prompt_length):
     obj_key, dropout_key = jax.random.split(key)
     tokens_BT, mask_BT, loss_mask_BT = mb["tokens"], mb["mask"], mb["loss_mask"]
     out = model.apply({"params": params["model"]}, tokens_BT, mask_BT=mask_BT,
                       return_hidden=True, compute_logits=False)
-    res = logprobs.token_logprobs(params["model"], cfg, out.hidden[:, :-1], tokens_BT[:, 1:],
-                                  temperature=logp_temperature, chunk_size=chunk_size,
-                                  return_entropy=with_entropy)
+    # Column t is scored from the hidden state at t - 1; columns before `first` get logp 0
+    # (column 0 has no prefix, prompt columns are never in loss_mask) and no LM head.
+    first = max(prompt_length, 1)
+    res = logprobs.token_logprobs(params["model"], cfg, out.hidden[:, first - 1:-1],
+                                  tokens_BT[:, first:], temperature=logp_temperature,
+                                  chunk_size=chunk_size, return_entropy=with_entropy)
     logp_BT, ent_BT = res if with_entropy else (res, None)
-    # Column 0 has no prefix; aligning as forward_logprobs does keeps loss_mask's convention.
-    pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+    pad = lambda x: jnp.pad(x, ((0, 0), (first, 0)))
     logp_BT = pad(logp_BT)
     ent_BT = None if ent_BT is None else jax.lax.stop_gradient(pad(ent_BT))
     log_z_B = None
@@ -471,7 +494,8 @@ def make_train_step(model: Decoder, objective: losses.Objective,
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def step(state: TrainState, batch: dict[str, Array]) -> tuple[TrainState, dict[str, Array]]:
+  def step(state: TrainState, batch: dict[str, Array], prompt_length: int
+           ) -> tuple[TrainState, dict[str, Array]]:
     traces[0] += 1
     params = state.params
     loss_mask = batch["loss_mask"]
@@ -482,7 +506,8 @@ def make_train_step(model: Decoder, objective: losses.Objective,
     step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     mb_keys = jax.random.split(step_key, micro_batches)
     if micro_batches == 1:
-      (loss, (obj_metrics, ent_sum)), grads = grad_fn(params, batch, mb_keys[0], denominator)
+      (loss, (obj_metrics, ent_sum)), grads = grad_fn(params, batch, mb_keys[0], denominator,
+                                                       prompt_length)
       grads = _to_f32(grads)
     else:
       n = loss_mask.shape[0]
@@ -500,7 +525,7 @@ def make_train_step(model: Decoder, objective: losses.Objective,
       def body(carry, xs):
         acc, loss_acc = carry
         mb, k = xs
-        (loss_i, aux), g = grad_fn(params, mb, k, denominator)
+        (loss_i, aux), g = grad_fn(params, mb, k, denominator, prompt_length)
         acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
         return (acc, loss_acc + loss_i), aux
 
@@ -521,18 +546,29 @@ def make_train_step(model: Decoder, objective: losses.Objective,
     new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state)
     return new_state, metrics
 
-  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sh),
-                   out_shardings=(state_shardings, replicated), donate_argnums=(0,),
-                   compiler_options=None if compiler_options is None else dict(compiler_options))
+  jitted_by_prompt_length = {}
+
+  def jitted_for(prompt_length: int):
+    if prompt_length not in jitted_by_prompt_length:
+      jitted_by_prompt_length[prompt_length] = jax.jit(
+          functools.partial(step, prompt_length=prompt_length),
+          in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
+          donate_argnums=(0,),
+          compiler_options=None if compiler_options is None else dict(compiler_options))
+    return jitted_by_prompt_length[prompt_length]
+
   batch_devices = _batch_devices(mesh)
 
-  def train_step(state: TrainState, batch: Mapping[str, Any]) -> tuple[TrainState, dict]:
+  def train_step(state: TrainState, batch: Mapping[str, Any], *, prompt_length: int = 0
+                 ) -> tuple[TrainState, dict]:
     batch = _check_batch(batch, needs=needs, with_logz_head=with_logz_head,
                          micro_batches=micro_batches, batch_devices=batch_devices)
+    prompt_length = _check_prompt_length(prompt_length, batch)
     with sharding.use_mesh(mesh, rules):
-      return jitted(state, batch)
+      return jitted_for(prompt_length)(state, batch)
 
-  train_step.jitted = jitted
+  train_step.jitted = jitted_for(0)
+  train_step.jitted_for = jitted_for
   train_step.num_traces = lambda: traces[0]
   return train_step
 
@@ -544,22 +580,28 @@ def make_logp_fn(model: Decoder, *, mesh: Mesh, temperature: float = 1.0,
 
   Reads batch["tokens"] and batch["mask"]; column t scores token t (column 0 is 0), exactly the
   logp the train step computes, so old_logp recomputed with the current params gives ratio 1.
+  `logp_fn(params, batch, prompt_length=P)` leaves the P prompt columns 0 and skips their LM head,
+  as `train_step(..., prompt_length=P)`.
   """
   rules = tuple(rules or sharding.DEFAULT_RULES)
 
-  def fn(params, tokens_BT, mask_BT):
+  def fn(params, tokens_BT, mask_BT, prompt_length):
     return logprobs.forward_logprobs(model, params, tokens_BT, mask_BT=mask_BT,
-                                     temperature=temperature, chunk_size=chunk_size)
+                                     temperature=temperature, chunk_size=chunk_size,
+                                     prompt_length=prompt_length)
 
-  jitted = jax.jit(fn)
+  jitted = jax.jit(fn, static_argnames="prompt_length")
 
-  def logp_fn(params_model: Any, batch: Mapping[str, Array]) -> Array:
+  def logp_fn(params_model: Any, batch: Mapping[str, Array], *, prompt_length: int = 0
+              ) -> Array:
     if isinstance(params_model, Mapping) and "model" in params_model:
       params_model = params_model["model"]
     tokens, mask = batch["tokens"], batch["mask"]
+    prompt_length = _check_prompt_length(prompt_length, {"tokens": tokens, "loss_mask": None})
     with sharding.use_mesh(mesh, rules):
       spec = sharding.logical_to_spec(("batch", None), tokens.shape, mesh, rules)
       sh = NamedSharding(mesh, spec)
-      return jitted(params_model, jax.device_put(tokens, sh), jax.device_put(mask, sh))
+      return jitted(params_model, jax.device_put(tokens, sh), jax.device_put(mask, sh),
+                    prompt_length=prompt_length)
 
   return logp_fn

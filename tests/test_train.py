@@ -156,6 +156,34 @@ def test_micro_batches_equal_one_batch(sgd_setup, agg_mode):
   assert metrics["tokens"] == batch["loss_mask"].sum()
 
 
+@pytest.mark.parametrize("chunk_size", [None, 4])
+def test_prompt_length_skips_only_unscored_columns(sgd_setup, chunk_size):
+  """prompt_length=P (no LM head on the P prompt columns) gives the same update and metrics as
+  scoring every column, and logp_fn the same response log-probs with 0 on the prompt."""
+  cfg, mesh, tx, state, shardings = sgd_setup
+  objective = losses.get("lad", divergence="js", eta=0.5)
+  model = Decoder(cfg)
+  batch = _batch(cfg, seed=5)
+  step = train.make_train_step(model, objective, tx, mesh=mesh, state_shardings=shardings,
+                               chunk_size=chunk_size, compiler_options=FAST)
+  full_state, full_m = step(_clone(state), batch)
+  resp_state, resp_m = step(_clone(state), batch, prompt_length=P)
+  assert step.num_traces() == 2  # one compile per prompt length
+  assert _max_diff(_host(full_state.params), _host(resp_state.params)) < 1e-6
+  for k in full_m:
+    np.testing.assert_allclose(resp_m[k], full_m[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  logp_fn = train.make_logp_fn(model, mesh=mesh, chunk_size=chunk_size)
+  full = np.asarray(logp_fn(state.params, batch))
+  resp = np.asarray(logp_fn(state.params, batch, prompt_length=P))
+  np.testing.assert_allclose(resp[:, P:], full[:, P:], rtol=1e-6, atol=1e-6)
+  assert np.all(resp[:, :P] == 0.0) and np.all(full[:, 1:P] != 0.0)
+  with pytest.raises(ValueError, match="loss_mask is True in a column < prompt_length"):
+    step(state, batch, prompt_length=P + 1)  # column P holds response tokens
+  for bad in (-1, L, 2.0):
+    with pytest.raises(ValueError, match="prompt_length must be an int"):
+      step(state, batch, prompt_length=bad)
+
+
 def test_sharded_and_remat_equal_unsharded():
   cfg = _cfg()
   model = Decoder(cfg)

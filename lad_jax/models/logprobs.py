@@ -84,15 +84,19 @@ def token_logprobs(params: Any, cfg: ModelConfig, hidden_BTD: Array, targets_BT:
 def forward_logprobs(model: Decoder, params: Any, tokens_BT: Array, *,
                      mask_BT: Optional[Array] = None, positions_BT: Optional[Array] = None,
                      temperature: float = 1.0, chunk_size: Optional[int] = None,
-                     return_entropy: bool = False) -> Union[Array, tuple[Array, Array]]:
+                     return_entropy: bool = False, prompt_length: int = 0
+                     ) -> Union[Array, tuple[Array, Array]]:
   """log pi(tokens[t] | tokens[<t]) aligned with the tokens: column t scores token t.
 
   Column 0 has no prefix and is 0 (its entropy too); mask it out, as a response mask does.
+  Columns < prompt_length (static) are 0 too and skip the LM head: pass the prompt width when
+  only the response is scored.
   """
   out = model.apply({"params": params}, tokens_BT, mask_BT=mask_BT, positions_BT=positions_BT,
                     return_hidden=True, compute_logits=False)
-  res = token_logprobs(params, model.cfg, out.hidden[:, :-1], tokens_BT[:, 1:],
+  first = max(int(prompt_length), 1)
+  res = token_logprobs(params, model.cfg, out.hidden[:, first - 1:-1], tokens_BT[:, first:],
                        temperature=temperature, chunk_size=chunk_size,
                        return_entropy=return_entropy)
-  pad = lambda x: jnp.pad(x, ((0, 0), (1, 0)))
+  pad = lambda x: jnp.pad(x, ((0, 0), (first, 0)))
   return (pad(res[0]), pad(res[1])) if return_entropy else pad(res)
