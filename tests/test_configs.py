@@ -95,48 +95,26 @@ def test_every_objective_can_be_selected(name):
   config_utils.validate(c)
 
 
-def test_lad_theoretical_is_rejected_for_rollouts():
-  c = load_config("tiny")
-  c.loss.name = "lad_theoretical"
-  with pytest.raises(config_utils.ConfigError, match="use 'lad'"):
-    config_utils.validate(c)
-
-
-def test_unknown_objective_lists_valid_ones():
-  c = load_config("tiny")
-  c.loss.name = "lad_js"
-  with pytest.raises(config_utils.ConfigError, match="valid objectives: .*grpo.*lad"):
-    config_utils.validate(c)
-
-
-def test_unknown_key_is_named_with_its_valid_siblings():
-  c = load_config("tiny")
-  c.optim.lrr = 1e-3
-  with pytest.raises(config_utils.ConfigError, match=r"optim\.lrr.*optim\.lr"):
-    config_utils.validate(c)
-
-
-@pytest.mark.parametrize("change, match", [
-    (lambda c: setattr(c.train, "mini_batches", 3), "not divisible"),
-    (lambda c: setattr(c.eval, "pass_k", (1, 8)), "pass_k"),
-    (lambda c: setattr(c.data, "train", "sudoku"), "Unknown procedural task"),
-    (lambda c: setattr(c.model, "source", "onnx"), "model.source"),
-    (lambda c: setattr(c.loss.hparams.lad, "divergence", "chi2"), "chi2"),
-    (lambda c: setattr(c.verifier, "extract", "number"), "verifier.extract"),
-    (lambda c: setattr(c.data, "few_shot", (("q",),)), "few_shot"),
-    (lambda c: setattr(c.train, "num_steps", 0), "before_train"),
+@pytest.mark.parametrize("config_name, change, match", [
+    ("tiny", lambda c: setattr(c.loss, "name", "lad_theoretical"), "use 'lad'"),
+    ("tiny", lambda c: setattr(c.loss, "name", "lad_js"), "valid objectives: .*grpo.*lad"),
+    ("tiny", lambda c: setattr(c.optim, "lrr", 1e-3), r"optim\.lrr.*optim\.lr"),
+    ("tiny", lambda c: setattr(c.train, "mini_batches", 3), "not divisible"),
+    ("tiny", lambda c: setattr(c.eval, "pass_k", (1, 8)), "pass_k"),
+    ("tiny", lambda c: setattr(c.data, "train", "sudoku"), "Unknown procedural task"),
+    ("tiny", lambda c: setattr(c.model, "source", "onnx"), "model.source"),
+    ("tiny", lambda c: setattr(c.loss.hparams.lad, "divergence", "chi2"), "chi2"),
+    ("tiny", lambda c: setattr(c.verifier, "extract", "number"), "verifier.extract"),
+    ("tiny", lambda c: setattr(c.data, "few_shot", (("q",),)), "few_shot"),
+    ("tiny", lambda c: setattr(c.train, "num_steps", 0), "before_train"),
+    # The lenient extractor is for procedural tasks only (qwen7b scores math answers).
+    ("qwen7b", lambda c: setattr(c.verifier, "extract", "tag_or_last_number"),
+     "procedural tasks only"),
 ])
-def test_bad_values_are_rejected(change, match):
-  c = load_config("tiny")
+def test_bad_values_are_rejected(config_name, change, match):
+  c = load_config(config_name)
   change(c)
   with pytest.raises(config_utils.ConfigError, match=match):
-    config_utils.validate(c)
-
-
-def test_extract_mode_is_for_procedural_tasks_only():
-  c = load_config("qwen7b")
-  c.verifier.extract = "tag_or_last_number"
-  with pytest.raises(config_utils.ConfigError, match="procedural tasks only"):
     config_utils.validate(c)
 
 

@@ -215,6 +215,27 @@ class Mlp(nn.Module):
     return Linear(cfg, f, d, ("mlp",), ("embed",), name="down_proj")(h_BTF)
 
 
+def _group_queries(q_BTNH: Array, cfg: ModelConfig) -> Array:
+  """[B, T, N, H] queries -> [B, K, G, T, H], head-major and grouped by their kv head."""
+  b, t, _, h = q_BTNH.shape
+  return q_BTNH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, h).transpose(0, 2, 3, 1, 4)
+
+
+def _ungroup(out_BKGTH: Array, cfg: ModelConfig) -> Array:
+  """The inverse of `_group_queries`: [B, K, G, T, H] -> [B, T, N, H]."""
+  b, _, _, t, h = out_BKGTH.shape
+  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, h)
+
+
+def _mask_bias(mask_BTS: Array) -> Array:
+  """0 where attended, _MASK_VALUE elsewhere, float32, broadcast over [B, K, G, T, S] scores.
+
+  An additive bias made once per [B, T, S] (not per head) fuses into the softmax far better
+  than a select on the broadcast mask (~1.7x faster softmax on XLA:CPU).
+  """
+  return jnp.where(mask_BTS, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None, None]
+
+
 def _attend_einsum(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
                    cfg: ModelConfig) -> Array:
   """Grouped-query attention without repeating k/v: queries grouped [B, K, G, T, H].
@@ -222,17 +243,10 @@ def _attend_einsum(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
   Head-major operands keep both einsums plain batched matmuls (batch b, k); XLA:CPU runs the
   token-major spelling ("btkgh,bskh->...") about 4x slower.
   """
-  b, t, _, h = q_BTNH.shape
-  q_BKGTH = q_BTNH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, h).transpose(0, 2, 3, 1, 4)
-  scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH,
-                            preferred_element_type=jnp.float32)
-  # An additive bias made once per [B, T, S] (not per head) fuses into the softmax far better
-  # than a select on the broadcast mask (~1.7x faster softmax on XLA:CPU).
-  bias_BTS = jnp.where(mask_BTS, 0.0, _MASK_VALUE).astype(jnp.float32)
-  scores_BKGTS = scores_BKGTS + bias_BTS[:, None, None, :, :]
+  scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", _group_queries(q_BTNH, cfg), k_BKSH,
+                            preferred_element_type=jnp.float32) + _mask_bias(mask_BTS)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
-  out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
-  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, h)
+  return _ungroup(jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH), cfg)
 
 
 def _attend_causal_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, mask_BTT: Array,
@@ -259,20 +273,16 @@ def _attend_cached_einsum(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS:
   the new keys: writing the new slots into each layer's cache inside the layer scan made XLA
   copy the whole cache every decode step, which cost 3x the model's matmuls on CPU.
   """
-  b, t, _, h = q_BTNH.shape
   s = k_BKHS.shape[3]
-  q_BKGTH = q_BTNH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, h).transpose(0, 2, 3, 1, 4)
-  bias_BTS = jnp.where(mask_BTS, 0.0, _MASK_VALUE).astype(jnp.float32)
-  bias_BTT = jnp.where(mask_BTT, 0.0, _MASK_VALUE).astype(jnp.float32)
+  q_BKGTH = _group_queries(q_BTNH, cfg)
   old_BKGTS = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS,
-                         preferred_element_type=jnp.float32) + bias_BTS[:, None, None]
+                         preferred_element_type=jnp.float32) + _mask_bias(mask_BTS)
   new_BKGTT = jnp.einsum("bkgth,bkuh->bkgtu", q_BKGTH, kn_BKTH,
-                         preferred_element_type=jnp.float32) + bias_BTT[:, None, None]
+                         preferred_element_type=jnp.float32) + _mask_bias(mask_BTT)
   probs = jax.nn.softmax(jnp.concatenate([old_BKGTS, new_BKGTT], axis=-1), axis=-1)
   probs = probs.astype(v_BKSH.dtype)
-  out_BKGTH = (jnp.einsum("bkgts,bksh->bkgth", probs[..., :s], v_BKSH)
-               + jnp.einsum("bkgtu,bkuh->bkgth", probs[..., s:], vn_BKTH))
-  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, h)
+  return _ungroup(jnp.einsum("bkgts,bksh->bkgth", probs[..., :s], v_BKSH)
+                  + jnp.einsum("bkgtu,bkuh->bkgth", probs[..., s:], vn_BKTH), cfg)
 
 
 def _attend_jax(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
@@ -360,8 +370,8 @@ class Block(nn.Module):
                mask_new_BTT: Optional[Array]) -> tuple[Array, Optional[tuple[Array, Array]]]:
     cfg = self.cfg
     h = RMSNorm(cfg, name="input_layernorm")(x_BTD)
-    a, new_kv = Attention(cfg, self.return_kv, name="self_attn")(h, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT,
-                                                 layer_cache)
+    attention = Attention(cfg, self.return_kv, name="self_attn")
+    a, new_kv = attention(h, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT, layer_cache)
     x_BTD = sharding.constrain(x_BTD + a, ACT_BTD)
     h = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
     x_BTD = sharding.constrain(x_BTD + Mlp(cfg, name="mlp")(h), ACT_BTD)
