@@ -43,7 +43,12 @@ def _time_interleaved(makers: dict[str, Callable[[], Callable[[], object]]], rep
   """Builds every step function, runs each once untimed (compilation, allocation), then times
   them in turn, rep by rep (rotating who goes first), with a matmul-peak probe per rep: the speed
   of this shared machine drifts by 10-20% over minutes; alternating makes drift hit all sides
-  alike."""
+  alike.
+
+  Each timed step directly follows an untimed step of the same side, as in training (K updates
+  in a row): the first step after the *other* framework ran is 20-40% slower for both (its
+  memory and caches were disturbed: ours 5.2 s vs 3.6 s after one torch step, same process).
+  """
   fns = {name: make() for name, make in makers.items()}
   for fn in fns.values():
     fn()
@@ -51,6 +56,7 @@ def _time_interleaved(makers: dict[str, Callable[[], Callable[[], object]]], rep
   names = list(fns)
   for r in range(reps):
     for name in names[r % len(names):] + names[:r % len(names)]:  # no side always goes first
+      fns[name]()  # settles this side in after the others (untimed)
       t0 = time.perf_counter()
       fns[name]()
       times[name].append(time.perf_counter() - t0)

@@ -112,10 +112,13 @@ def test_rope_frequencies_match_transformers(rope_parameters):
   assert factor == pytest.approx(factor_ref, rel=1e-6)
 
 
-@pytest.mark.parametrize("impl,empty", [("einsum", False), ("einsum", True), ("jax", False)])
-def test_cached_decoding_equals_full_forward(checkpoints, impl, empty):
+@pytest.mark.parametrize("impl,empty,per_layer", [
+    ("einsum", False, False), ("einsum", True, False), ("jax", False, False),
+    ("einsum", False, True), ("einsum", True, True), ("jax", False, True)])
+def test_cached_decoding_equals_full_forward(checkpoints, impl, empty, per_layer):
   """Prefill left-padded prompts, then 3 single-token steps and a 2-token chunk; the prefill
-  reads the empty cache or not (`cache_is_empty`), with either attention implementation."""
+  reads the empty cache or not (`cache_is_empty`), with either attention implementation, into
+  a stacked cache (layer scan) or a per-layer one (layers unrolled, written then read)."""
   _, cfg, params = checkpoints["qwen2_untied"]
   cfg = cfg.replace(attention_impl=impl)
   prompts, mask = models.pad_batch(SEQS, pad_id=0, side="left")
@@ -123,7 +126,7 @@ def test_cached_decoding_equals_full_forward(checkpoints, impl, empty):
   full = np.asarray(_forward(cfg, params, np.concatenate([prompts, cont], 1),
                              np.concatenate([mask, np.ones_like(cont, bool)], 1)).logits)
 
-  cache = models.KVCache.init(cfg, batch_size=3, max_length=16)
+  cache = models.KVCache.init(cfg, batch_size=3, max_length=16, per_layer=per_layer)
   out = jax.jit(lambda p, t, m, c: models.Decoder(cfg).apply(
       {"params": p}, t, mask_BT=m, cache=c, cache_is_empty=empty))(
           params, jnp.asarray(prompts), jnp.asarray(mask), cache)

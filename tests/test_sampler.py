@@ -160,11 +160,16 @@ def test_same_bucket_does_not_recompile(tiny, sampler, samples):
   assert not np.asarray(out.response_mask)[:, 5:].any()
 
 
-def test_sharded_equals_unsharded(tiny, samples):
+@pytest.mark.parametrize("per_layer_cache", [True, False])
+def test_sharded_equals_unsharded(tiny, samples, per_layer_cache):
+  """On 8 devices, with the per-layer cache (CPU's default, as `samples`) or the stacked one
+  (the layer scan, the default on GPU / TPU): the same rollouts."""
   _, cfg, params = tiny
+  assert sampler_lib.Sampler(models.Decoder(cfg), eos_ids=EOS_IDS, pad_id=PAD).per_layer_cache
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   smp = sampler_lib.Sampler(models.Decoder(cfg), eos_ids=EOS_IDS, pad_id=PAD, mesh=mesh,
-                            prompt_buckets=(16, 32), response_buckets=(MAX_NEW, 16))
+                            prompt_buckets=(16, 32), response_buckets=(MAX_NEW, 16),
+                            per_layer_cache=per_layer_cache)
   out = smp.sample(params, PROMPTS, jax.random.key(0), group_size=G, max_new_tokens=MAX_NEW,
                    temperature=1.0)
   ref = samples[1.0]
@@ -262,19 +267,26 @@ def test_bad_arguments_are_clear_errors(tiny, sampler):
     sampler_lib.Sampler(models.Decoder(cfg), eos_ids=[1000], pad_id=0)
 
 
-def test_cache_is_in_the_model_dtype():
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_cache_is_in_the_model_dtype(per_layer):
   """A bf16 model samples with a bf16 cache (abstract evaluation only: no compile)."""
   cfg = testing.tiny_config("llama", dtype="bfloat16", param_dtype="bfloat16")
-  smp = sampler_lib.Sampler(models.Decoder(cfg), eos_ids=[1], pad_id=0, prompt_buckets=(8,))
+  smp = sampler_lib.Sampler(models.Decoder(cfg), eos_ids=[1], pad_id=0, prompt_buckets=(8,),
+                            per_layer_cache=per_layer)
   build = smp._build  # pylint: disable=protected-access
   prefill, _ = build(prompt_len=8, response_len=4, num_prompts=2, group_size=3, temperature=1.0,
                      top_p=1.0, top_k=0)
   params, _ = models.abstract_params(cfg)
   tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
   cache, logits = jax.eval_shape(prefill, params, tokens, jax.ShapeDtypeStruct((2, 8), bool))
-  expected = jax.eval_shape(lambda: models.KVCache.init(cfg, batch_size=6, max_length=12))
-  assert cache.k.dtype == cache.v.dtype == jnp.bfloat16
-  assert cache.k.shape == expected.k.shape  # G copies of each prompt, prompt + response slots
+  expected = jax.eval_shape(lambda: models.KVCache.init(cfg, batch_size=6, max_length=12,
+                                                        per_layer=per_layer))
+  assert cache.per_layer == per_layer
+  leaves, want = jax.tree.leaves((cache.k, cache.v)), jax.tree.leaves((expected.k, expected.v))
+  assert len(leaves) == (2 * cfg.num_layers if per_layer else 2)
+  assert all(x.dtype == jnp.bfloat16 for x in leaves)
+  # G copies of each prompt, prompt + response slots
+  assert [x.shape for x in leaves] == [x.shape for x in want]
   assert logits.dtype == jnp.float32 and logits.shape == (6, cfg.vocab_size)
 
 

@@ -22,7 +22,10 @@ give the same result as the unpadded ones. Packed rows need explicit `positions_
 KV cache: tokens are written at slots [index, index + T) for all rows together ("lock step");
 the layers only read the cache (attention over its S slots, empty / padding ones masked out, and
 over the T new tokens, in one softmax) and the new keys / values of every layer are written in
-one in-place update after the layer scan. The caller must keep index + T <= S (static shapes
+one in-place update after the layer scan. A per-layer cache (`KVCache.init(per_layer=True)`)
+runs the layers unrolled instead, each writing its new slots into its own buffer and then
+reading it (no per-step copy of the layer's cache out of a stacked one; see
+`Decoder._unrolled_layers`). The caller must keep index + T <= S (static shapes
 inside jit cannot raise). `KVCache.repeat(G)` copies each prompt's
 cache to G samples. Without a cache, attention skips the causally masked blocks
 (`cfg.attention_block_size`).
@@ -73,51 +76,67 @@ class KVCache:
   Attributes:
     k: [L, B, K, H, S] keys (after RoPE), v: [L, B, K, S, H] values: both plain matmul
       operands of attention (q @ k and probs @ v) without a transpose; XLA:CPU transposes a
-      [.., S, H] key operand on every decode step, which doubled the score cost.
+      [.., S, H] key operand on every decode step, which doubled the score cost. A *per-layer*
+      cache (`init(..., per_layer=True)`) holds tuples of L arrays [B, K, H, S] / [B, K, S, H]
+      instead, and the decoder then runs its layers unrolled (see `Decoder`).
     segment_ids: [B, S] int32 segment id of each slot; 0 = empty or padding (never attended).
     index: [] int32 next slot to write (shared by all rows).
     next_position: [B] int32 RoPE position of the next non-padding token of each row.
   """
 
-  k: Array
-  v: Array
+  k: Any
+  v: Any
   segment_ids: Array
   index: Array
   next_position: Array
 
   @classmethod
   def init(cls, cfg: ModelConfig, *, batch_size: int, max_length: int,
-           dtype: Any = None) -> KVCache:
-    """An empty cache; `dtype` defaults to `cfg.dtype`."""
-    shape = (cfg.num_layers, batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
-    k_shape = shape[:3] + (cfg.head_dim, max_length)
+           dtype: Any = None, per_layer: bool = False) -> KVCache:
+    """An empty cache; `dtype` defaults to `cfg.dtype`; per_layer: one buffer per layer."""
+    v_shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
+    k_shape = v_shape[:2] + (cfg.head_dim, max_length)
     dtype = cfg.dtype if dtype is None else dtype
-    return cls(
-        k=jnp.zeros(k_shape, dtype), v=jnp.zeros(shape, dtype),
-        segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
-        index=jnp.zeros((), jnp.int32),
-        next_position=jnp.zeros((batch_size,), jnp.int32))
+    if per_layer:
+      k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
+      v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
+    else:
+      k = jnp.zeros((cfg.num_layers,) + k_shape, dtype)
+      v = jnp.zeros((cfg.num_layers,) + v_shape, dtype)
+    return cls(k=k, v=v, segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
+               index=jnp.zeros((), jnp.int32),
+               next_position=jnp.zeros((batch_size,), jnp.int32))
+
+  @property
+  def per_layer(self) -> bool:
+    return isinstance(self.k, (tuple, list))
 
   @property
   def max_length(self) -> int:
-    return self.v.shape[3]
+    return self.segment_ids.shape[1]
 
   @property
   def batch_size(self) -> int:
-    return self.k.shape[1]
+    return self.segment_ids.shape[0]
 
   def repeat(self, n: int) -> KVCache:
     """Each row repeated n times ([B] -> [B * n], rows of one prompt adjacent): G samples."""
+    axis = 0 if self.per_layer else 1
+    rep = lambda x: jnp.repeat(x, n, axis=axis)
     return KVCache(
-        k=jnp.repeat(self.k, n, axis=1), v=jnp.repeat(self.v, n, axis=1),
+        k=jax.tree.map(rep, self.k), v=jax.tree.map(rep, self.v),
         segment_ids=jnp.repeat(self.segment_ids, n, axis=0), index=self.index,
         next_position=jnp.repeat(self.next_position, n, axis=0))
 
   @staticmethod
-  def logical_axes() -> KVCache:
-    """Logical axis names of every field, for `sharding.logical_shardings`."""
-    return KVCache(k=("cache_layers",) + CACHE_BKHS, v=("cache_layers",) + CACHE_BKSH,
-                   segment_ids=("cache_batch", "cache_sequence"), index=(),
+  def logical_axes(num_layers: Optional[int] = None) -> KVCache:
+    """Logical axis names of every field, for `sharding.logical_shardings`; pass num_layers
+    for a per-layer cache."""
+    if num_layers is None:
+      k, v = ("cache_layers",) + CACHE_BKHS, ("cache_layers",) + CACHE_BKSH
+    else:
+      k, v = (CACHE_BKHS,) * num_layers, (CACHE_BKSH,) * num_layers
+    return KVCache(k=k, v=v, segment_ids=("cache_batch", "cache_sequence"), index=(),
                    next_position=("cache_batch",))
 
 
@@ -237,13 +256,15 @@ def _mask_bias(mask_BTS: Array) -> Array:
 
 
 def _attend_einsum(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
-                   cfg: ModelConfig) -> Array:
+                   cfg: ModelConfig, keys_hs: bool = False) -> Array:
   """Grouped-query attention without repeating k/v: queries grouped [B, K, G, T, H].
 
   Head-major operands keep both einsums plain batched matmuls (batch b, k); XLA:CPU runs the
-  token-major spelling ("btkgh,bskh->...") about 4x slower.
+  token-major spelling ("btkgh,bskh->...") about 4x slower. keys_hs: keys come as [B, K, H, S]
+  (the cache layout).
   """
-  scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", _group_queries(q_BTNH, cfg), k_BKSH,
+  scores_BKGTS = jnp.einsum("bkgth,bkhs->bkgts" if keys_hs else "bkgth,bksh->bkgts",
+                            _group_queries(q_BTNH, cfg), k_BKSH,
                             preferred_element_type=jnp.float32) + _mask_bias(mask_BTS)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
   return _ungroup(jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH), cfg)
@@ -303,6 +324,11 @@ class Attention(nn.Module):
 
   return_kv: also return the new tokens' (k [B, K, H, T], v [B, K, T, H]) in the cache layout
   (set whenever the decoder has a cache, even an empty one it does not read).
+
+  layer_cache is (k [B, K, H, S], v [B, K, S, H]) to read (the new tokens are attended
+  separately, `mask_new_BTT`), or (k, v, index) of a per-layer cache: the new tokens are first
+  written at slots [index, index + T), then attention reads the cache alone (`mask_BTS` covers
+  the new slots) and the written (k, v) are returned instead of the new tokens'.
   """
 
   cfg: ModelConfig
@@ -328,7 +354,21 @@ class Attention(nn.Module):
     k_BKTH = sharding.constrain(
         rope.apply_rope(kk, sin_BTh, cos_BTh).transpose(0, 2, 1, 3), ACT_BKTH)
     v_BKTH = sharding.constrain(v.transpose(0, 2, 1, 3), ACT_BKTH)
-    if layer_cache is None:
+    write_first = layer_cache is not None and len(layer_cache) == 3
+    if write_first:
+      ck, cv, index = layer_cache
+      ck = jax.lax.dynamic_update_slice(ck, k_BKTH.transpose(0, 1, 3, 2).astype(ck.dtype),
+                                        (0, 0, 0, index))
+      cv = jax.lax.dynamic_update_slice(cv, v_BKTH.astype(cv.dtype), (0, 0, index, 0))
+      ck = sharding.constrain(ck, CACHE_BKHS)
+      cv = sharding.constrain(cv, CACHE_BKSH)
+      if cfg.attention_impl == "jax":
+        out_BTNH = _attend_jax(q_BTNH, ck.transpose(0, 1, 3, 2).astype(cfg.dtype),
+                               cv.astype(cfg.dtype), mask_BTS, cfg)
+      else:
+        out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask_BTS,
+                                  cfg, keys_hs=True)
+    elif layer_cache is None:
       if cfg.attention_impl == "jax":
         attend = _attend_jax
       elif 0 < cfg.attention_block_size < x_BTD.shape[1]:
@@ -351,7 +391,10 @@ class Attention(nn.Module):
       else:
         out_BTNH = _attend_cached_einsum(q_BTNH, ck, cv, mask_BTS, k_BKTH, v_BKTH, mask_new_BTT,
                                          cfg)
-    new_kv = (k_BKTH.transpose(0, 1, 3, 2), v_BKTH) if self.return_kv else None
+    if write_first:
+      new_kv = (ck, cv)
+    else:
+      new_kv = (k_BKTH.transpose(0, 1, 3, 2), v_BKTH) if self.return_kv else None
     out_BTNH = sharding.constrain(out_BTNH, ACT_BTNH)
     out = Linear(cfg, (n, h), (d,), ("q_heads", "head_dim"), ("embed",), cfg.o_bias,
                  name="o_proj")(out_BTNH)
@@ -463,6 +506,13 @@ class Decoder(nn.Module):
       if cache_is_empty:
         layer_caches = None
         mask_BTS, mask_new_BTT = same_segment(seg_BT) & causal_TT[None], None
+      elif cache.per_layer:
+        # Each layer writes the new slots first, then reads its cache (_unrolled_layers): the
+        # mask covers the written slots up to each query's own.
+        layer_caches = (cache.k, cache.v)
+        seg_S = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
+        upto_TS = jnp.arange(cache.max_length)[None, :] <= index + jnp.arange(t)[:, None]
+        mask_BTS, mask_new_BTT = same_segment(seg_S) & upto_TS[None], None
       else:
         layer_caches = (cache.k, cache.v)
         # The cache's own slots (those before index; later ones are empty) and the new tokens
@@ -474,19 +524,23 @@ class Decoder(nn.Module):
     embed = Embed(cfg, name="embed_tokens")
     x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
 
-    block = Block
-    if cfg.remat_policy != "none":
-      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-    layers = nn.scan(
-        block,
-        variable_axes={"params": 0},
-        split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_layers,
-        unroll=min(cfg.scan_unroll, cfg.num_layers),
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, cache is not None, name="layers")
-    x_BTD, new_kv = layers(x_BTD, layer_caches, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT)
+    if layer_caches is not None and cache.per_layer:
+      x_BTD, new_kv = self._unrolled_layers(x_BTD, layer_caches, index, sin_BTh, cos_BTh,
+                                            mask_BTS)
+    else:
+      block = Block
+      if cfg.remat_policy != "none":
+        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+      layers = nn.scan(
+          block,
+          variable_axes={"params": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+          length=cfg.num_layers,
+          unroll=min(cfg.scan_unroll, cfg.num_layers),
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, cache is not None, name="layers")
+      x_BTD, new_kv = layers(x_BTD, layer_caches, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT)
 
     hidden_BTD = RMSNorm(cfg, name="norm")(x_BTD)
 
@@ -505,10 +559,18 @@ class Decoder(nn.Module):
       last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
       # One in-place write of every layer's T new slots (the cache buffer is donated / a loop
       # carry, so XLA updates it without a copy).
-      new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype),
-                                           (0, 0, 0, 0, index))
-      new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype),
-                                           (0, 0, 0, index, 0))
+      if cache.per_layer and layer_caches is not None:  # written by the layers
+        new_k, new_v = tuple(new_kv[0]), tuple(new_kv[1])
+      elif cache.per_layer:  # a prefill: the scan's stacked [L, ...] new slots
+        new_k = tuple(jax.lax.dynamic_update_slice(
+            ck, new_kv[0][i].astype(ck.dtype), (0, 0, 0, index)) for i, ck in enumerate(cache.k))
+        new_v = tuple(jax.lax.dynamic_update_slice(
+            cv, new_kv[1][i].astype(cv.dtype), (0, 0, index, 0)) for i, cv in enumerate(cache.v))
+      else:
+        new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype),
+                                             (0, 0, 0, 0, index))
+        new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype),
+                                             (0, 0, 0, index, 0))
       new_cache = KVCache(
           k=new_k, v=new_v,
           segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index)),
@@ -517,3 +579,52 @@ class Decoder(nn.Module):
                                   cache.next_position))
     return DecoderOutput(logits=logits, cache=new_cache,
                          hidden=hidden_BTD if return_hidden else None)
+
+  def _unrolled_layers(self, x_BTD: Array, layer_caches: tuple[Any, Any], index: Array,
+                       sin_BTh: Array, cos_BTh: Array, mask_BTS: Array
+                       ) -> tuple[Array, tuple[list[Array], list[Array]]]:
+    """The scanned layers as a Python loop over a per-layer cache, with the same parameters.
+
+    Each layer writes its new slots into its own cache buffer in place and then reads it: the
+    scan has to slice layer l out of the stacked [L, ...] cache, a copy of the whole cache
+    every decode step (85 of ~400 ms per SmolLM2 step at 128 rows on CPU). Writing before
+    reading matters: a write after the read (as the scan path does) made XLA copy every
+    layer's buffer twice per step to keep the read safe. Costs an L-times larger program
+    (compile time).
+    """
+    cfg = self.cfg
+    params = self.variables.get("params", {})
+    if UNSTACKED_LAYERS in params:
+      per_layer = [params[UNSTACKED_LAYERS][str(i)] for i in range(cfg.num_layers)]
+    elif "layers" in params:
+      per_layer = [jax.tree.map(lambda a, i=i: a[i], params["layers"])
+                   for i in range(cfg.num_layers)]
+    else:
+      raise ValueError("A per-layer KVCache decodes with existing parameters; initialise the "
+                       "model without a cache (or with a stacked one).")
+    block = Block(cfg, True, parent=None)
+    ks, vs = [], []
+    for i in range(cfg.num_layers):
+      x_BTD, (k, v) = block.apply({"params": per_layer[i]}, x_BTD,
+                                  (layer_caches[0][i], layer_caches[1][i], index), sin_BTh,
+                                  cos_BTh, mask_BTS, None)
+      ks.append(k)
+      vs.append(v)
+    return x_BTD, (ks, vs)
+
+
+UNSTACKED_LAYERS = "layers_unstacked"
+
+
+def unstack_layer_params(params: Any, num_layers: int) -> Any:
+  """params with the scanned layers' [L, ...] weights split into L per-layer trees.
+
+  For a loop of per-layer-cache decode steps: slicing the layers once outside the loop avoids
+  slicing every weight again at every step (XLA does not hoist those slices out of a
+  while loop). Only the unrolled (per-layer cache) path reads this form.
+  """
+  params = dict(params)
+  stacked = params.pop("layers")
+  params[UNSTACKED_LAYERS] = {str(i): jax.tree.map(lambda a, i=i: a[i], stacked)
+                              for i in range(num_layers)}
+  return params
