@@ -33,9 +33,16 @@ import tempfile
 import time
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from lad_jax import xla_cpu  # pylint: disable=g-bad-import-order
+
+# Before JAX starts its threads, as experiments/math_rl.py does on CPU; both sides share the
+# process, so both get the same malloc.
+if xla_cpu.cpu_only():
+  xla_cpu.retain_freed_memory()
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import jax.numpy as jnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _time_interleaved(makers: dict[str, Callable[[], Callable[[], object]]], reps: int,

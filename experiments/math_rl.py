@@ -34,6 +34,7 @@ if _ROOT not in sys.path:
 
 from lad_jax import config_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lad_jax import rl  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lad_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(_ROOT, "configs", "smollm2_135m.py"),
@@ -48,6 +49,8 @@ def main(argv):
     # tfds warns once per generated dataset that its builder config is ours, not a registered one.
     logging.get_absl_logger().addFilter(
         lambda record: not record.getMessage().startswith("Using custom data configuration"))
+  if xla_cpu.cpu_only():  # before JAX starts its threads: ~10% faster CPU train steps
+    xla_cpu.retain_freed_memory()
   config = _CONFIG.value
   t0 = time.perf_counter()
   try:
