@@ -76,9 +76,8 @@ def retain_freed_memory() -> bool:
   except (OSError, AttributeError):
     return False
   mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-  # glibc stores the trim threshold as a size_t: -1 is 'never trim'. Any int threshold
-  # (<= 2 GiB) was crossed now and then by the 1.8 GB temporary plus other free memory at
-  # the heap's top, which returned it to the OS: a 5.6 s step with 435k faults.
+  # glibc stores the trim threshold as a size_t: -1 is 'never trim'; the largest int (2 GiB)
+  # is within reach of the 1.8 GB temporary plus the other free memory at the heap's top.
   return all(mallopt(param, value) == 1 for param, value in (
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, -1)))
 
