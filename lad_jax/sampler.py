@@ -71,8 +71,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lad_jax import sharding, xla_cpu
 from lad_jax.models import logprobs as logprobs_lib
 from lad_jax.models import params as params_lib
-from lad_jax.models import decoder as decoder_lib
-from lad_jax.models.decoder import Decoder, KVCache
+from lad_jax.models.decoder import Decoder, KVCache, unstack_layer_params
 
 Array = jax.Array
 
@@ -398,7 +397,7 @@ class Sampler:
         return i + 1, out.cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR
 
       if cache.per_layer:
-        params = decoder_lib.unstack_layer_params(params, cfg.num_layers)
+        params = unstack_layer_params(params, cfg.num_layers)
       carry = (jnp.int32(1), cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR)
       _, cache, _, done_N, tokens_NR, logp_NR, mask_NR = jax.lax.while_loop(cond, body, carry)
       # The cache is returned so its donated input buffers can be reused in place.

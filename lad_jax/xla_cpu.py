@@ -63,7 +63,9 @@ def retain_freed_memory() -> bool:
   malloc from a worker thread. glibc serves a request that large from a thread's arena with a
   fresh mmap and munmaps it on free, so every step page-faults all of it again: 460k faults and
   ~0.9 s of system time per 3.7 s step. One arena, no mmap and no trimming keep the memory
-  mapped: 0 faults, 3.2-3.4 s per step. The process's resident memory then stays at its peak.
+  mapped: 0 faults in steady state, 3.1-3.4 s per step; a step that lands its temporaries on
+  fresh heap pages (seen in the first few steps next to torch) still faults them all in.
+  The process's resident memory then stays at its peak.
 
   Call it before JAX starts its threads (first thing in an entry point); it affects the whole
   process (every library's malloc). A no-op (False) where libc is not glibc.

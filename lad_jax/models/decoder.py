@@ -503,6 +503,8 @@ class Decoder(nn.Module):
       if t > cache.max_length:
         raise ValueError(f"{t} tokens do not fit a cache of max_length {cache.max_length}.")
       index = cache.index
+      # Segment ids of the cache's slots once the T new tokens are in (the returned cache's).
+      new_seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
       if cache_is_empty:
         layer_caches = None
         mask_BTS, mask_new_BTT = same_segment(seg_BT) & causal_TT[None], None
@@ -510,9 +512,8 @@ class Decoder(nn.Module):
         # Each layer writes the new slots first, then reads its cache (_unrolled_layers): the
         # mask covers the written slots up to each query's own.
         layer_caches = (cache.k, cache.v)
-        seg_S = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
         upto_TS = jnp.arange(cache.max_length)[None, :] <= index + jnp.arange(t)[:, None]
-        mask_BTS, mask_new_BTT = same_segment(seg_S) & upto_TS[None], None
+        mask_BTS, mask_new_BTT = same_segment(new_seg_BS) & upto_TS[None], None
       else:
         layer_caches = (cache.k, cache.v)
         # The cache's own slots (those before index; later ones are empty) and the new tokens
@@ -573,7 +574,7 @@ class Decoder(nn.Module):
                                              (0, 0, 0, index, 0))
       new_cache = KVCache(
           k=new_k, v=new_v,
-          segment_ids=jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index)),
+          segment_ids=new_seg_BS,
           index=index + t,
           next_position=jnp.where(jnp.any(valid_BT, axis=1), last_pos_B + 1,
                                   cache.next_position))
