@@ -1,6 +1,7 @@
 """Policy-update speed of our jitted train step on SmolLM2-135M vs transformers + torch AdamW.
 
-  python benchmarks/train_step.py [--batch 4] [--length 128] [--prompt 32] [--reps 5] [--skip_bf16]
+  python benchmarks/train_step.py [--batch 4] [--length 128] [--prompt 32] [--reps 7] [--warmup 3]
+      [--skip_bf16]
 
 (about 17 minutes with the defaults on the shared 2-core CPU machine; torch bf16 is the slowest).
 
@@ -46,19 +47,21 @@ import numpy as np  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _time_interleaved(makers: dict[str, Callable[[], Callable[[], object]]], reps: int,
-                      peaks: list[float]) -> dict[str, list[float]]:
-  """Builds every step function, runs each once untimed (compilation, allocation), then times
-  them in turn, rep by rep (rotating who goes first), with a matmul-peak probe per rep: the speed
-  of this shared machine drifts by 10-20% over minutes; alternating makes drift hit all sides
-  alike.
+                      peaks: list[float], warmup: int) -> dict[str, list[float]]:
+  """Builds every step function, runs them in turn `warmup` times untimed (compilation, then
+  the allocator's heap growing to its steady size: until it has, a step page-faults its new
+  memory in and takes 1.5-2x as long), then times them in turn, rep by rep (rotating who goes
+  first), with a matmul-peak probe per rep: the speed of this shared machine drifts by 10-20%
+  over minutes; alternating makes drift hit all sides alike.
 
   Each timed step directly follows an untimed step of the same side, as in training (K updates
   in a row): the first step after the *other* framework ran is 20-40% slower for both (its
   memory and caches were disturbed: ours 5.2 s vs 3.6 s after one torch step, same process).
   """
   fns = {name: make() for name, make in makers.items()}
-  for fn in fns.values():
-    fn()
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
   times = {name: [] for name in fns}
   names = list(fns)
   for r in range(reps):
@@ -160,7 +163,8 @@ def main():
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--length", type=int, default=128)
   parser.add_argument("--prompt", type=int, default=32)
-  parser.add_argument("--reps", type=int, default=5)
+  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--warmup", type=int, default=3, help="untimed steps of each side first")
   parser.add_argument("--skip_bf16", action="store_true")
   args = parser.parse_args()
 
@@ -199,9 +203,9 @@ def main():
       bf16["ours bf16 grpo"] = lambda: _ours(*models.load_gguf(path, **lowp), batch, "grpo")
       bf16["torch bf16 grpo"] = lambda: _torch(d, batch, "bfloat16")
     peaks = [peak]
-    times = _time_interleaved(fp32, args.reps, peaks)
+    times = _time_interleaved(fp32, args.reps, peaks, args.warmup)
     if bf16:
-      times.update(_time_interleaved(bf16, args.reps, peaks))
+      times.update(_time_interleaved(bf16, args.reps, peaks, args.warmup))
   for n, t in times.items():
     print(f"{n}: {[round(x, 3) for x in t]}")
   peak = max(peaks)

@@ -185,6 +185,22 @@ def make_schedule(*, lr: float, warmup_steps: int = 0, schedule: str = "constant
   return fn
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` as one scalar factor: g * min(1, max_norm / ||g||).
+
+  optax divides every element by the norm. XLA:CPU does not duplicate a division into several
+  consumers, so it wrote the clipped gradients out (one more read and write of every gradient
+  per step); the multiply fuses into Adam's moment updates (SmolLM2-135M step on 2 CPU cores,
+  in-process A/B: 2.668 -> 2.637 s). The state is optax's (empty).
+  """
+  def update(updates, state, params=None):
+    del params
+    scale = jnp.minimum(1.0, max_norm / optax.global_norm(updates))
+    return jax.tree.map(lambda g: g * scale.astype(g.dtype), updates), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(*, lr: float, warmup_steps: int = 0, weight_decay: float = 0.0,
                    grad_clip: Optional[float] = 1.0, b1: float = 0.9, b2: float = 0.999,
                    eps: float = 1e-8, schedule: str = "constant",
@@ -203,7 +219,7 @@ def make_optimizer(*, lr: float, warmup_steps: int = 0, weight_decay: float = 0.
   adamw = optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
       learning_rate=sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   if grad_clip is not None and grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
+    return optax.chain(clip_by_global_norm(grad_clip), adamw)
   return adamw
 
 

@@ -6,12 +6,13 @@ import functools
 
 import chex
 import jax
+from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lad_jax import models, sharding
-from lad_jax.models import rope, testing, weights
+from lad_jax.models import decoder, rope, testing, weights
 from lad_jax.models.config import ModelConfig, RopeScaling
 
 torch = pytest.importorskip("torch")
@@ -231,6 +232,44 @@ def test_gradients_match_torch_autograd(checkpoints):
     assert np.abs(r).max() > 0, path
     np.testing.assert_allclose(np.asarray(got), r, atol=2e-5 * max(1.0, np.abs(r).max()),
                                rtol=0, err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,n_in,dtype,preferred", [
+    ((2, 5, 6), (6, 3, 4), 1, jnp.float32, None),  # q / k / v: heads split out
+    ((2, 5, 3, 4), (3, 4, 6), 2, jnp.float32, None),  # o_proj: heads contracted
+    ((2, 5, 6), (6, 7), 1, jnp.bfloat16, jnp.float32),  # bf16 LM head, fp32 accumulation
+])
+def test_project_equals_dot_general_with_the_kernel_gradient_from_x(x_shape, kernel_shape, n_in,
+                                                                     dtype, preferred):
+  """Linear's custom-VJP product: dot_general's values and gradients, the kernel gradient
+  computed as dot(x, dy) with no transpose after it (JAX's own rule transposes dot(dy, x))."""
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape).astype(dtype)
+  kernel = jax.random.normal(kw, kernel_shape).astype(dtype)
+  dims = ((tuple(range(len(x_shape) - n_in, len(x_shape))), tuple(range(n_in))), ((), ()))
+  ref = lambda x, k: jax.lax.dot_general(x, k, dims, preferred_element_type=preferred)
+  ours = lambda x, k: decoder.project(x, k, n_in, preferred)
+  y, vjp = jax.vjp(ours, x, kernel)
+  y_ref, vjp_ref = jax.vjp(ref, x, kernel)
+  np.testing.assert_array_equal(y, y_ref)
+  dy = jax.random.normal(kg, y.shape).astype(y.dtype)
+  for got, want in zip(vjp(dy), vjp_ref(dy)):
+    assert got.dtype == want.dtype == dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=1e-6, atol=1e-6)
+  kernel_grad = lambda f: str(jax.make_jaxpr(lambda k: jax.vjp(f, x, k)[1](dy)[1])(kernel))
+  assert "transpose[" in kernel_grad(ref)
+  assert "transpose[" not in kernel_grad(ours)
+
+
+def test_project_dot_is_saved_by_the_dots_remat_policy(capsys):
+  """The custom VJP hides nothing from jax.checkpoint: "dots" keeps the product, so the
+  forward matmul is not recomputed."""
+  x, kernel = jnp.ones((2, 3, 4)), jnp.ones((4, 5))
+  f = lambda x, k: jnp.sum(jnp.sin(decoder.project(x, k, 1)))
+  ad_checkpoint.print_saved_residuals(
+      jax.checkpoint(f, policy=jax.checkpoint_policies.checkpoint_dots), x, kernel)
+  assert "f32[2,3,5] output of dot_general" in capsys.readouterr().out
 
 
 def test_token_logprobs_chunked_equals_log_softmax_and_grads(checkpoints):

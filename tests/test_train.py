@@ -270,3 +270,16 @@ def test_cosine_schedule():
   # Warmup (k+1)/2, then 0.1 + 0.9 * (1 + cos(pi * (k - 2) / 4)) / 2, held at 0.1.
   want = [0.5, 1.0] + [0.1 + 0.45 * (1 + np.cos(np.pi * j / 4)) for j in range(4)] + [0.1, 0.1]
   np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.1, 10.0])
+def test_clip_by_global_norm_equals_optax(scale):
+  """Our one-factor clip vs optax's per-element division: below, above and at zero norm."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  grads = {"a": scale * jax.random.normal(k1, (3, 4)), "b": [scale * jax.random.normal(k2, (5,))]}
+  ours, state = train.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  want, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  assert state == train.clip_by_global_norm(1.0).init(grads) == optax.EmptyState()
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=0), ours, want)
+  norm = float(optax.global_norm(ours))
+  assert np.isfinite(norm) and norm <= 1.0 + 1e-6

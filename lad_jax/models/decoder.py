@@ -36,6 +36,7 @@ for attention scores and logits; RMSNorm, RoPE and softmax in float32.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import flax
@@ -187,11 +188,55 @@ class RMSNorm(nn.Module):
     return x.astype(cfg.dtype) * scale_D.astype(cfg.dtype)[None, None, :]
 
 
+def _contract_trailing(x: Array, kernel: Array, n_in: int, preferred: Any) -> Array:
+  contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+  return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=preferred)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def project(x: Array, kernel: Array, n_in: int, preferred: Any = None) -> Array:
+  """y[..., out] = x[..., in] . kernel[in, out] over the trailing n_in dims of x.
+
+  The same values and gradients as `jax.lax.dot_general`, but the kernel gradient is computed
+  as dot(x, dy) (contracting the token dims) instead of JAX's dot(dy, x) followed by a
+  transpose. XLA:CPU's matmul library wants the contracting dim last on the left, so it
+  materialises a transposed copy of the left operand: of the small layer input x here,
+  instead of the gradient dy, which it fuses with the gradient's elementwise producer (the
+  SwiGLU derivative) into a strided loop (7.5 ms per layer at 512 tokens, more than the
+  matmul). Measured on SmolLM2-135M, 512 tokens, 2 CPU cores: train step 3.09 -> 2.68 s. GPU
+  and TPU backends fold operand transposes into their matmuls, so the order should not matter
+  there (not measured).
+
+  Remat policies see the forward dot_general (differentiation inlines the forward rule), so
+  "dots" still saves its output.
+  """
+  return _contract_trailing(x, kernel, n_in, preferred)
+
+
+def _project_fwd(x, kernel, n_in, preferred):
+  return _contract_trailing(x, kernel, n_in, preferred), (x, kernel)
+
+
+def _project_bwd(n_in, preferred, res, dy):
+  x, kernel = res
+  batch = tuple(range(x.ndim - n_in))
+  out = tuple(range(len(batch), dy.ndim))
+  dx = jax.lax.dot_general(dy, kernel, ((out, tuple(range(n_in, kernel.ndim))), ((), ())),
+                           preferred_element_type=preferred)
+  dkernel = jax.lax.dot_general(x, dy, ((batch, batch), ((), ())),
+                                preferred_element_type=preferred)
+  return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+project.defvjp(_project_fwd, _project_bwd)
+
+
 class Linear(nn.Module):
   """y = x @ kernel (+ bias) contracting the trailing `len(in_shape)` dims of x.
 
   kernel has shape in_shape + out_shape with logical axes in_axes + out_axes (torch's [out, in]
-  weight transposed, with heads split out), so head-sharded projections need no reshape.
+  weight transposed, with heads split out), so head-sharded projections need no reshape. The
+  product is `project` (a cheaper kernel gradient on CPU).
   """
 
   cfg: ModelConfig
@@ -209,10 +254,8 @@ class Linear(nn.Module):
     kernel = self.param("kernel", _init(cfg, self.in_axes + self.out_axes),
                         self.in_shape + self.out_shape, pdt)
     n_in, n_out = len(self.in_shape), len(self.out_shape)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(
-        x.astype(cfg.dtype), kernel.astype(cfg.dtype), (contract, ((), ())),
-        preferred_element_type=jnp.float32 if self.fp32_accumulation else None)
+    y = project(x.astype(cfg.dtype), kernel.astype(cfg.dtype), n_in,
+               jnp.float32 if self.fp32_accumulation else None)
     if self.use_bias:
       bias = self.param("bias", _init(cfg, self.out_axes, "zeros"), self.out_shape, pdt)
       y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - n_out) + self.out_shape)
