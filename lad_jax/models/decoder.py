@@ -31,7 +31,8 @@ cache to G samples. Without a cache, attention skips the causally masked blocks
 (`cfg.attention_block_size`).
 
 Precision: parameters in `cfg.param_dtype`, matmuls in `cfg.dtype` with float32 accumulation
-for attention scores and logits; RMSNorm, RoPE and softmax in float32.
+(the projections' results, forward and backward, rounded to `cfg.dtype`; attention scores and
+logits kept in float32); RMSNorm, RoPE and softmax in float32.
 """
 
 from __future__ import annotations
@@ -188,36 +189,41 @@ class RMSNorm(nn.Module):
     return x.astype(cfg.dtype) * scale_D.astype(cfg.dtype)[None, None, :]
 
 
-def _contract_trailing(x: Array, kernel: Array, n_in: int, preferred: Any) -> Array:
+def _contract_trailing(x: Array, kernel: Array, n_in: int, preferred: Any,
+                       out_dtype: Any = None) -> Array:
   contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-  return jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=preferred)
+  y = jax.lax.dot_general(x, kernel, (contract, ((), ())), preferred_element_type=preferred)
+  return y if out_dtype is None else y.astype(out_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def project(x: Array, kernel: Array, n_in: int, preferred: Any = None) -> Array:
-  """y[..., out] = x[..., in] . kernel[in, out] over the trailing n_in dims of x.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def project(x: Array, kernel: Array, n_in: int, preferred: Any = None,
+            out_dtype: Any = None) -> Array:
+  """y[..., out] = x[..., in] . kernel[in, out] over the trailing n_in dims of x, accumulated in
+  `preferred` (dot_general's preferred_element_type), then cast to out_dtype (None: keep).
 
-  The same values and gradients as `jax.lax.dot_general`, but the kernel gradient is computed
-  as dot(x, dy) (contracting the token dims) instead of JAX's dot(dy, x) followed by a
-  transpose. XLA:CPU's matmul library wants the contracting dim last on the left, so it
-  materialises a transposed copy of the left operand: of the small layer input x here,
-  instead of the gradient dy, which it fuses with the gradient's elementwise producer (the
-  SwiGLU derivative) into a strided loop (7.5 ms per layer at 512 tokens, more than the
-  matmul). Measured on SmolLM2-135M, 512 tokens, 2 CPU cores: train step 3.09 -> 2.68 s. GPU
-  and TPU backends fold operand transposes into their matmuls, so the order should not matter
-  there (not measured).
+  The same values and gradients as `jax.lax.dot_general` (+ astype), but the kernel gradient
+  is computed as dot(x, dy) (contracting the token dims) instead of JAX's dot(dy, x) followed
+  by a transpose, and the backward matmuls accumulate in `preferred` too. XLA:CPU's matmul
+  library wants the contracting dim last on the left, so it materialises a transposed copy of
+  the left operand: of the small layer input x here, instead of the gradient dy, which it
+  fused with the gradient's elementwise producer (the SwiGLU derivative) into a strided loop
+  (7.5 ms per layer at 512 tokens, more than the matmul). Measured on SmolLM2-135M, 512
+  tokens, 2 CPU cores: train step 3.09 -> 2.68 s. GPU and TPU backends fold operand
+  transposes into their matmuls, so the order should not matter there (not measured).
 
   Remat policies see the forward dot_general (differentiation inlines the forward rule), so
   "dots" still saves its output.
   """
-  return _contract_trailing(x, kernel, n_in, preferred)
+  return _contract_trailing(x, kernel, n_in, preferred, out_dtype)
 
 
-def _project_fwd(x, kernel, n_in, preferred):
-  return _contract_trailing(x, kernel, n_in, preferred), (x, kernel)
+def _project_fwd(x, kernel, n_in, preferred, out_dtype):
+  return _contract_trailing(x, kernel, n_in, preferred, out_dtype), (x, kernel)
 
 
-def _project_bwd(n_in, preferred, res, dy):
+def _project_bwd(n_in, preferred, out_dtype, res, dy):
+  del out_dtype  # dy comes in that dtype
   x, kernel = res
   batch = tuple(range(x.ndim - n_in))
   out = tuple(range(len(batch), dy.ndim))
@@ -254,8 +260,13 @@ class Linear(nn.Module):
     kernel = self.param("kernel", _init(cfg, self.in_axes + self.out_axes),
                         self.in_shape + self.out_shape, pdt)
     n_in, n_out = len(self.in_shape), len(self.out_shape)
-    y = project(x.astype(cfg.dtype), kernel.astype(cfg.dtype), n_in,
-               jnp.float32 if self.fp32_accumulation else None)
+    dtype = jnp.dtype(cfg.dtype)
+    # Low-precision products accumulate in float32 and round once (XLA:CPU's bf16 matmul runs
+    # natively only with a float32 result: 2x the float32 speed, vs converting both inputs).
+    low = dtype.itemsize < 4
+    y = project(x.astype(dtype), kernel.astype(dtype), n_in,
+                jnp.float32 if (self.fp32_accumulation or low) else None,
+                None if self.fp32_accumulation or not low else dtype)
     if self.use_bias:
       bias = self.param("bias", _init(cfg, self.out_axes, "zeros"), self.out_shape, pdt)
       y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - n_out) + self.out_shape)
