@@ -264,9 +264,9 @@ class Linear(nn.Module):
     # Low-precision products accumulate in float32 and round once (XLA:CPU's bf16 matmul runs
     # natively only with a float32 result: 2x the float32 speed, vs converting both inputs).
     low = dtype.itemsize < 4
-    y = project(x.astype(dtype), kernel.astype(dtype), n_in,
-                jnp.float32 if (self.fp32_accumulation or low) else None,
-                None if self.fp32_accumulation or not low else dtype)
+    preferred = jnp.float32 if (low or self.fp32_accumulation) else None
+    out_dtype = dtype if (low and not self.fp32_accumulation) else None
+    y = project(x.astype(dtype), kernel.astype(dtype), n_in, preferred, out_dtype)
     if self.use_bias:
       bias = self.param("bias", _init(cfg, self.out_axes, "zeros"), self.out_shape, pdt)
       y = y + bias.astype(cfg.dtype).reshape((1,) * (y.ndim - n_out) + self.out_shape)
