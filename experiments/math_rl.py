@@ -6,7 +6,7 @@ r"""RL post-training of an LLM with LAD or a baseline (DESIGN §4); all logic is
   python experiments/math_rl.py --config=configs/qwen7b.py:smoke   # same pipeline, CPU-sized
   python experiments/math_rl.py --config.loss.name=grpo --config.loss.hparams.grpo.eps_high=0.28
 
-Every registered objective is one `--config.loss.name=` away (`lad_jax.losses.names()`); its
+Every registered objective is one `--config.loss.name=` away (`lad_jax.objectives.names()`); its
 hyperparameters are `--config.loss.hparams.<name>.<param>=`. A misspelt key, an unknown objective
 or a missing model / data file stops the run before anything is compiled, with a message naming
 the problem, and a non-zero exit status. A run restarted with the same workdir resumes from its
@@ -33,6 +33,7 @@ if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
 from lad_jax import config_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lad_jax import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lad_jax import rl  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lad_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -54,13 +55,13 @@ def main(argv):
   config = _CONFIG.value
   t0 = time.perf_counter()
   try:
-    rl.main(config)
+    rl.train_and_evaluate(config)
   except config_utils.ConfigError as e:
     # A config problem: the message says what to fix, a traceback would only bury it.
     print(f"math_rl: error: {e}", file=sys.stderr)
     sys.exit(2)
   if jax.process_index() == 0:
-    print(rl.summary(config, wall_s=time.perf_counter() - t0))
+    print(report.summary(config, wall_s=time.perf_counter() - t0))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -345,6 +345,54 @@ ESTIMATORS: dict[str, Callable[..., Array]] = {
     "rloo": rloo,
     "alpha_dpg": alpha_dpg,
 }
+
+
+# What each estimator reads besides the [P, G] rewards: alpha-DPG also needs the summed response
+# log-probs under pi_old and pi_ref, so a loop that uses it must score the reference model.
+SEQ_LOGP_INPUTS = ("seq_old_logp", "seq_ref_logp")
+INPUTS: dict[str, tuple[str, ...]] = {
+    "grpo": ("rewards",),
+    "drgrpo": ("rewards",),
+    "rloo": ("rewards",),
+    "alpha_dpg": SEQ_LOGP_INPUTS + ("rewards",),
+}
+
+
+def needs_ref(name: str) -> bool:
+  """Whether the estimator reads pi_ref's log-probs (the loop then scores the reference)."""
+  return "seq_ref_logp" in INPUTS[name]
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(name: str, hparams: tuple[tuple[str, Any], ...], group_size: int):
+  """One compiled program per (estimator, hyperparameters, G): [N] inputs -> [N] advantages."""
+  fn = get(name, **dict(hparams))
+  groups = lambda x: to_groups(x, group_size=group_size)
+
+  @jax.jit
+  def compute_N(rewards_N, seq_old_N, seq_ref_N):
+    if INPUTS[name][0] == "seq_old_logp":
+      return from_groups(fn(groups(seq_old_N), groups(seq_ref_N), groups(rewards_N)))
+    return from_groups(fn(groups(rewards_N)))
+
+  return compute_N
+
+
+def compute(name: str, hparams: Mapping[str, Any], rewards_N: Any, *, group_size: int,
+            seq_old_logp_N: Any = None, seq_ref_logp_N: Any = None) -> np.ndarray:
+  """[N] advantages of the named estimator on the [P, G] groups of [N] rewards (host out).
+
+  seq_old_logp_N / seq_ref_logp_N: summed response log-probs, for estimators whose `INPUTS`
+  name them (alpha_dpg).
+  """
+  rewards_N = np.asarray(rewards_N, np.float32)
+  zeros = np.zeros_like(rewards_N)
+  seq_old = zeros if seq_old_logp_N is None else np.asarray(seq_old_logp_N, np.float32)
+  seq_ref = zeros if seq_ref_logp_N is None else np.asarray(seq_ref_logp_N, np.float32)
+  if INPUTS[name][0] == "seq_old_logp" and (seq_old_logp_N is None or seq_ref_logp_N is None):
+    raise ValueError(f"Advantage estimator {name!r} needs seq_old_logp_N and seq_ref_logp_N.")
+  fn = _jitted(name, tuple(sorted(dict(hparams).items())), group_size)
+  return np.asarray(fn(rewards_N, seq_old, seq_ref), np.float32)
 
 
 def names() -> list[str]:

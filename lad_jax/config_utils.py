@@ -150,6 +150,9 @@ def base_config() -> ConfigDict:
   c.train.micro_batches = 1  # gradient accumulation inside one optimizer step
   c.train.recompute_old_logp = True  # False: use the sampler's behaviour logp
   c.train.chunk_size = config_dict.placeholder(int)  # logits chunk along T
+  # Updates with a non-finite loss or gradient are skipped (parameters unchanged); this many in
+  # a row stop the run with an error (0: never stop).
+  c.train.max_nonfinite_updates = 3
 
   c.optim = ConfigDict()
   c.optim.lr = 1e-6

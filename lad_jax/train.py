@@ -1,14 +1,15 @@
-"""Train state, optimizer and the sharded, jitted policy-update step (DESIGN §4).
+"""Train state, optimizer and the pure policy-update step (DESIGN §4).
 
   tx = train.make_optimizer(lr=1e-6, warmup_steps=10, weight_decay=0.01, grad_clip=1.0)
   state, state_shardings = train.create_train_state(model, tx, key, mesh=mesh, params=params)
-  objective = losses.get("lad", divergence="js", eta=0.25)
-  train_step = train.make_train_step(model, objective, tx, mesh=mesh,
-                                     state_shardings=state_shardings, micro_batches=4)
-  state, metrics = train_step(state, batch)      # batch: see `BATCH_KEYS`
-  state, metrics = train_step(state, batch, prompt_length=P)  # no LM head on P prompt columns
+  spec = train.StepSpec(model_cfg=cfg, objective=objectives.get("lad", eta=0.25), tx=tx,
+                        micro_batches=4)
+  state, metrics = train.train_step(state, batch, spec=spec)    # pure; batch: a TrainBatch
+  step = train.jit_train_step(spec, mesh=mesh, state_shardings=state_shardings)
+  state, metrics = step(state, batch)                            # jitted, sharded, donated
 
-The step is one `jax.jit` with in/out shardings and the state donated. The batch loss is
+`jit_train_step` is the one `jax.jit` of the step, with in/out shardings and the state donated.
+The batch loss is
 `sum_i s_i / sum_i d_i` over micro-batches i, with `(s_i, d_i) = losses.aggregate_parts(...)`; the
 denominators depend on the masks only, so they are summed first and each micro-batch contributes
 `grad(s_i) / D`: the accumulated gradient equals the gradient of the one large batch exactly (up to
@@ -24,10 +25,11 @@ parameter (bf16 params + fp32 master + fp32 mu, nu = 14 bytes vs 12 for pure fp3
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import math
 from typing import Any, Callable, Mapping, Optional
 
+import chex
 import flax
 import flax.linen as nn
 import jax
@@ -36,21 +38,18 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lad_jax import baselines
 from lad_jax import losses
+from lad_jax import objectives
+from lad_jax import scoring
 from lad_jax import sharding
-from lad_jax.models import logprobs
 from lad_jax.models import params as params_lib
+from lad_jax.models.config import ModelConfig
 from lad_jax.models.decoder import Decoder
 
 Array = jax.Array
 
 SCHEDULES = ("constant", "cosine")
-# Keys a batch may carry; any other key is dropped before the jitted step.
-REQUIRED_BATCH_KEYS = ("tokens", "mask", "loss_mask", "old_logp", "advantages")
-OPTIONAL_BATCH_KEYS = ("ref_logp", "prompt_mask")
-BATCH_KEYS = REQUIRED_BATCH_KEYS + OPTIONAL_BATCH_KEYS
-_NEEDS = ("ref_logp", "entropy", "log_z")
+_NEVER_GIVE_UP = int(np.iinfo(np.int32).max)  # optax.apply_if_finite applies nothing non-finite
 
 
 # ------------------------------------------------------------------------------------------------
@@ -219,23 +218,32 @@ def make_optimizer(*, lr: float, warmup_steps: int = 0, weight_decay: float = 0.
   adamw = optax.inject_hyperparams(optax.adamw, hyperparam_dtype=jnp.float32)(
       learning_rate=sched, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
   if grad_clip is not None and grad_clip > 0:
-    return optax.chain(clip_by_global_norm(grad_clip), adamw)
-  return adamw
+    adamw = optax.chain(clip_by_global_norm(grad_clip), adamw)
+  # A non-finite gradient (or loss: `train_step` poisons the gradient then) skips the update;
+  # the loop, not the optimizer, decides when too many skips in a row end the run.
+  return optax.apply_if_finite(adamw, max_consecutive_errors=_NEVER_GIVE_UP)
+
+
+def _find_state(opt_state: Any, kind: type) -> Optional[Any]:
+  found = []
+  jax.tree.map(lambda x: found.append(x) if isinstance(x, kind) else None, opt_state,
+               is_leaf=lambda x: isinstance(x, kind))
+  return found[0] if found else None
+
+
+def nonfinite_metrics(opt_state: Any) -> dict[str, Array]:
+  """skipped (1 if the last update was dropped as non-finite) and nonfinite_streak (updates
+  dropped in a row), from the `optax.apply_if_finite` state; {} for an optimizer without one."""
+  state = _find_state(opt_state, optax.ApplyIfFiniteState)
+  if state is None:
+    return {}
+  return {"skipped": 1.0 - state.last_finite.astype(jnp.float32),
+          "nonfinite_streak": state.notfinite_count.astype(jnp.float32)}
 
 
 # ------------------------------------------------------------------------------------------------
 # Creating the state
 # ------------------------------------------------------------------------------------------------
-
-
-def _logz_head() -> nn.Module:
-  # The FlowRL authors' ProjZModule: 3 layers, dropout 0.1, width = model width.
-  return baselines.LogZHead()
-
-
-def _init_logz_head(key: Array, hidden_size: int) -> Any:
-  hidden = jnp.zeros((1, 1, hidden_size), jnp.float32)
-  return _logz_head().init(key, hidden, jnp.ones((1, 1), bool))["params"]
 
 
 def _replicated(mesh: Mesh) -> NamedSharding:
@@ -315,7 +323,7 @@ def create_train_state(model: Decoder, tx: optax.GradientTransformation, key: Ar
     if with_logz_head:
       p["logz_head"] = given.get("logz_head")
       if p["logz_head"] is None:
-        p["logz_head"] = _init_logz_head(head_key, cfg.hidden_size)
+        p["logz_head"] = scoring.init_logz_head(head_key, cfg.hidden_size)
     use_master = _is_low_precision(p) if master_weights is None else master_weights
     return TrainState(step=jnp.zeros((), jnp.int32), params=p,
                       opt_state=init_opt_state(tx, p, master_weights=use_master),
@@ -343,281 +351,241 @@ def create_train_state(model: Decoder, tx: optax.GradientTransformation, key: Ar
 # ------------------------------------------------------------------------------------------------
 
 
+@flax.struct.dataclass
+class TrainBatch:
+  """One policy-update batch: N rows (the G rows of a prompt adjacent), L = P + R columns.
+
+  Attributes:
+    tokens: [N, L] int32, prompt (left-padded to P) then response.
+    mask: [N, L] bool, non-padding tokens.
+    loss_mask: [N, L] bool, the response tokens that are scored (column t scores token t).
+    old_logp: [N, L] f32 log pi_old of each token (0 off loss_mask).
+    advantages: [N] f32 sequence advantages, or [N, L] per token.
+    ref_logp: [N, L] f32 log pi_ref, for objectives that need it; else None.
+    prompt_mask: [N, L] bool, True on prompt tokens, for the log Z head; else None.
+    prompt_length: P, static (one compile per value): columns < P are prompt, never in
+      loss_mask, and get no LM head (which saves P / L of its FLOPs).
+  """
+
+  tokens: Array
+  mask: Array
+  loss_mask: Array
+  old_logp: Array
+  advantages: Array
+  ref_logp: Optional[Array] = None
+  prompt_mask: Optional[Array] = None
+  prompt_length: int = flax.struct.field(pytree_node=False, default=0)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  """What one policy update computes (static; bound into the jitted step, never traced).
+
+  Attributes:
+    model_cfg: the decoder's config (dtype, remat policy).
+    objective: from `objectives.get(name, **hparams)`.
+    tx: the optimizer the state was built with (`make_optimizer`).
+    micro_batches: gradient accumulation steps (a `lax.scan`), exact (module docstring).
+    logp_temperature: logits are divided by it (the sampler's temperature).
+    chunk_size: positions per LM-head chunk; None = one chunk.
+    norm_length: the constant length of "seq-mean-token-sum-norm" (Dr.GRPO); None = L. verl
+      uses max_response_length.
+    compute_entropy: report the entropy metric (always on when the objective needs it).
+    logz_dropout: train-mode dropout in the log Z head, as the FlowRL authors.
+    param_shardings: shardings of `state.params`, to lay out the gradient accumulator; None
+      leaves it to the compiler.
+  """
+
+  model_cfg: ModelConfig
+  objective: objectives.Objective
+  tx: optax.GradientTransformation
+  micro_batches: int = 1
+  logp_temperature: float = 1.0
+  chunk_size: Optional[int] = None
+  norm_length: Optional[float] = None
+  compute_entropy: bool = True
+  logz_dropout: bool = True
+  param_shardings: Any = None
+
+  @property
+  def with_entropy(self) -> bool:
+    return self.compute_entropy or self.objective.needs_entropy
+
+
+def check_batch(batch: TrainBatch, spec: StepSpec, *, has_logz_head: bool,
+                batch_devices: int = 1) -> None:
+  """Shape and content checks with clear errors (static: runs at trace time too)."""
+  shape = tuple(batch.tokens.shape)
+  if len(shape) != 2:
+    raise ValueError(f"TrainBatch.tokens must be [N, L], got shape {shape}.")
+  for name in ("mask", "loss_mask", "old_logp", "ref_logp", "prompt_mask"):
+    value = getattr(batch, name)
+    if value is not None and tuple(value.shape) != shape:
+      raise ValueError(f"TrainBatch.{name} has shape {tuple(value.shape)}, tokens have {shape}.")
+  if tuple(batch.advantages.shape) not in (shape[:1], shape):
+    raise ValueError(f"TrainBatch.advantages must be [N] or [N, L] = {shape}, got "
+                     f"{tuple(batch.advantages.shape)}.")
+  p = batch.prompt_length
+  if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < shape[1]:
+    raise ValueError(f"TrainBatch.prompt_length must be an int in [0, {shape[1]}), got {p!r}.")
+  objective = spec.objective
+  if "ref_logp" in objective.spec.needs and batch.ref_logp is None:
+    raise ValueError(f"Objective {objective.name!r} needs TrainBatch.ref_logp (log pi_ref).")
+  if objective.needs_log_z and (batch.prompt_mask is None or not has_logz_head):
+    raise ValueError(f"Objective {objective.name!r} needs log Z: a TrainBatch.prompt_mask and a "
+                     "state made by create_train_state(..., with_logz_head=True).")
+  if shape[0] % (spec.micro_batches * batch_devices):
+    raise ValueError(
+        f"{shape[0]} rows cannot be split into {spec.micro_batches} micro-batches spread over "
+        f"{batch_devices} batch devices; make N a multiple of micro_batches * data * fsdp = "
+        f"{spec.micro_batches * batch_devices}.")
+  if isinstance(batch.loss_mask, np.ndarray) and p and np.any(batch.loss_mask[:, :p]):
+    raise ValueError(f"loss_mask is True in a column < prompt_length={p}; those columns get no "
+                     "log-probability. Pass the prompt width of the batch (or 0).")
+
+
+def _loss_fn(params: Any, mb: TrainBatch, key: Array, denominator: Array, spec: StepSpec
+             ) -> tuple[Array, tuple[dict[str, Array], Array]]:
+  """One micro-batch: (its share of the batch loss, (objective metrics, entropy sum))."""
+  obj_key, dropout_key = jax.random.split(key)
+  scores = scoring.score(
+      params, mb.tokens, mb.mask, cfg=spec.model_cfg, prompt_length=mb.prompt_length,
+      temperature=spec.logp_temperature, chunk_size=spec.chunk_size,
+      with_entropy=spec.with_entropy,
+      prompt_mask_NL=mb.prompt_mask if spec.objective.needs_log_z else None,
+      dropout_key=dropout_key if spec.logz_dropout else None)
+  f32 = lambda x: None if x is None else x.astype(jnp.float32)
+  inputs = losses.LossInputs(
+      logp=scores.logp, old_logp=f32(mb.old_logp), advantages=f32(mb.advantages),
+      mask=mb.loss_mask, ref_logp=f32(mb.ref_logp), entropy=scores.entropy, log_z=scores.log_z)
+  per_token_NL, obj_metrics = spec.objective(inputs, key=obj_key)
+  total, _ = losses.aggregate_parts(per_token_NL, mb.loss_mask, spec.objective.agg_mode,
+                                    norm_length=spec.norm_length)
+  ent_sum = (jnp.zeros((), jnp.float32) if scores.entropy is None
+             else jnp.sum(jnp.where(mb.loss_mask, scores.entropy, 0.0)))
+  return losses.safe_divide(total, denominator), (jax.lax.stop_gradient(obj_metrics), ent_sum)
+
+
+def _split_micro_batches(batch: TrainBatch, m: int) -> TrainBatch:
+  """[N, ...] -> [m, N / m, ...]; micro-batch i takes rows i, i + m, ...: every device keeps an
+  equal share of every micro-batch."""
+  def split(x):
+    x = x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+    return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
+  return jax.tree.map(split, batch)
+
+
+def accumulate_gradients(params: Any, batch: TrainBatch, key: Array, *, spec: StepSpec
+                         ) -> tuple[Any, Array, dict[str, Array], Array]:
+  """(fp32 gradient of the batch loss, loss, objective metrics, entropy sum) over micro-batches.
+
+  The denominators of the aggregation depend on the mask only: they are summed first, then every
+  micro-batch adds grad(s_i) / D, so the sum is the gradient of the whole batch's loss.
+  """
+  _, denominator = losses.aggregate_parts(
+      jnp.zeros(batch.loss_mask.shape, jnp.float32), batch.loss_mask, spec.objective.agg_mode,
+      norm_length=spec.norm_length)
+  grad_fn = jax.value_and_grad(_loss_fn, has_aux=True)
+  keys = jax.random.split(key, spec.micro_batches)
+  if spec.micro_batches == 1:
+    (loss, (obj_metrics, ent_sum)), grads = grad_fn(params, batch, keys[0], denominator, spec)
+    return _to_f32(grads), loss, obj_metrics, ent_sum
+  zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  if spec.param_shardings is not None:
+    zeros = jax.lax.with_sharding_constraint(zeros, spec.param_shardings)
+
+  def body(carry, xs):
+    acc, loss_acc = carry
+    mb, k = xs
+    (loss_i, aux), g = grad_fn(params, mb, k, denominator, spec)
+    acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
+    return (acc, loss_acc + loss_i), aux
+
+  (grads, loss), (obj_metrics, ent_sums) = jax.lax.scan(
+      body, (zeros, jnp.zeros((), jnp.float32)),
+      (_split_micro_batches(batch, spec.micro_batches), keys))
+  return grads, loss, jax.tree.map(lambda x: jnp.mean(x, axis=0), obj_metrics), jnp.sum(ent_sums)
+
+
+def train_step(state: TrainState, batch: TrainBatch, *, spec: StepSpec
+               ) -> tuple[TrainState, dict[str, Array]]:
+  """One policy update: gradient of the objective on `batch`, one optimizer step.
+
+  Pure: jit it with `jit_train_step` (shardings, donation) or call it directly. The step key is
+  `fold_in(state.key, state.step)`, split once per micro-batch and again per use. A non-finite
+  loss or gradient leaves the parameters and moments unchanged (`optax.apply_if_finite` in
+  `make_optimizer`); the metric `skipped` is 1 for such an update.
+
+  Returns:
+    (new state, metrics): loss, grad_norm (before clipping), lr, tokens (loss tokens), entropy
+    (masked mean; with compute_entropy), skipped, nonfinite_streak, and the objective's metrics
+    (means over micro-batches).
+  """
+  check_batch(batch, spec, has_logz_head="logz_head" in state.params)
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+  grads, loss, obj_metrics, ent_sum = accumulate_gradients(state.params, batch, step_key,
+                                                           spec=spec)
+  # A non-finite loss with finite gradients must not pass either: poison the gradients.
+  grads = jax.tree.map(lambda g: jnp.where(jnp.isfinite(loss), g, jnp.nan), grads)
+  grad_norm = optax.global_norm(grads)
+  params, opt_state = apply_gradients(spec.tx, state.params, state.opt_state, grads)
+  num_tokens = jnp.sum(batch.loss_mask.astype(jnp.float32))
+  metrics = dict(obj_metrics, loss=loss, grad_norm=grad_norm, lr=learning_rate(opt_state),
+                 tokens=num_tokens, **nonfinite_metrics(opt_state))
+  if spec.with_entropy:
+    metrics["entropy"] = losses.safe_divide(ent_sum, num_tokens)
+  metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Rows over the batch mesh axes (data, fsdp), the rest replicated; a prefix for any rank."""
   return NamedSharding(mesh, PartitionSpec(tuple(a for a in sharding.BATCH_AXES
                                                  if a in mesh.axis_names)))
 
 
-def _batch_devices(mesh: Mesh) -> int:
+def batch_devices(mesh: Mesh) -> int:
+  """Devices the batch rows are split over (data * fsdp)."""
   sizes = dict(zip(mesh.axis_names, mesh.devices.shape))
   return math.prod(sizes.get(a, 1) for a in sharding.BATCH_AXES)
 
 
-def _check_batch(batch: Mapping[str, Any], *, needs: tuple[str, ...], with_logz_head: bool,
-                 micro_batches: int, batch_devices: int) -> dict[str, Any]:
-  """Static checks with clear errors; returns the batch restricted to `BATCH_KEYS`."""
-  missing = [k for k in REQUIRED_BATCH_KEYS if k not in batch]
-  if missing:
-    raise ValueError(f"Batch is missing {missing}; a batch needs {list(REQUIRED_BATCH_KEYS)} "
-                     f"(optional: {list(OPTIONAL_BATCH_KEYS)}), got {sorted(batch)}.")
-  if "ref_logp" in needs and "ref_logp" not in batch:
-    raise ValueError("The objective needs ref_logp: add batch['ref_logp'] ([N, L] log pi_ref, "
-                     "from make_logp_fn on the reference params).")
-  if "log_z" in needs:
-    if "prompt_mask" not in batch:
-      raise ValueError("The objective needs log Z: add batch['prompt_mask'] ([N, L] bool, True "
-                       "on prompt tokens) for the log Z head.")
-    if not with_logz_head:
-      raise ValueError("The objective needs log Z but the state has no log Z head: create it "
-                       "with create_train_state(..., with_logz_head=True).")
-  out = {k: batch[k] for k in BATCH_KEYS if k in batch}
-  shape = tuple(out["tokens"].shape)
-  if len(shape) != 2:
-    raise ValueError(f"batch['tokens'] must be [N, L], got shape {shape}.")
-  for k, v in out.items():
-    if k == "advantages":
-      if tuple(v.shape) not in (shape[:1], shape):
-        raise ValueError(f"batch['advantages'] must be [N] or [N, L] = {shape}, got {v.shape}.")
-    elif tuple(v.shape) != shape:
-      raise ValueError(f"batch[{k!r}] has shape {tuple(v.shape)}, tokens have {shape}.")
-  n = shape[0]
-  if n % (micro_batches * batch_devices):
-    raise ValueError(
-        f"{n} rows cannot be split into {micro_batches} micro-batches spread over the "
-        f"{batch_devices} devices of the batch mesh axes; make N a multiple of "
-        f"micro_batches * data * fsdp = {micro_batches * batch_devices}.")
-  return out
-
-
-def _check_prompt_length(prompt_length: int, batch: Mapping[str, Any]) -> int:
-  """prompt_length as a static int in [0, L); host masks must not score a prompt column."""
-  length = batch["tokens"].shape[1]
-  if isinstance(prompt_length, bool) or not isinstance(prompt_length, (int, np.integer)) or (
-      not 0 <= prompt_length < length):
-    raise ValueError(f"prompt_length must be an int in [0, {length}) (the number of prompt "
-                     f"columns of the [N, {length}] batch), got {prompt_length!r}.")
-  loss_mask = batch["loss_mask"]
-  if isinstance(loss_mask, np.ndarray) and prompt_length and np.any(loss_mask[:, :prompt_length]):
-    raise ValueError(f"loss_mask is True in a column < prompt_length={prompt_length}; those "
-                     "columns get no log-probability. Pass the prompt width of the batch (or 0).")
-  return int(prompt_length)
-
-
-def make_train_step(model: Decoder, objective: losses.Objective,
-                    tx: optax.GradientTransformation, *, mesh: Mesh, state_shardings: TrainState,
-                    micro_batches: int = 1, logp_temperature: float = 1.0,
-                    chunk_size: Optional[int] = None, norm_length: Optional[float] = None,
-                    rules: Optional[sharding.Rules] = None, remat_policy: Optional[str] = None,
-                    compute_entropy: bool = True, logz_dropout: bool = True,
-                    compiler_options: Optional[Mapping[str, Any]] = None
-                    ) -> Callable[[TrainState, Mapping[str, Array]], tuple[TrainState, dict]]:
-  """The jitted policy update: `train_step(state, batch) -> (state, metrics)`.
-
-  Batch (all rows N, the G rows of a prompt adjacent; L = P + R):
-    tokens [N, L] int32, mask [N, L] bool (non-padding), loss_mask [N, L] bool (response tokens;
-    column t scores token t, as `forward_logprobs`), old_logp [N, L] f32, advantages [N] (or
-    [N, L] per token) f32; optional ref_logp [N, L] f32 and prompt_mask [N, L] bool (log Z head).
-    N must be a multiple of micro_batches * data * fsdp. Other keys are ignored.
-
-  Per micro-batch: one forward pass gives logp (and the entropy, passed stop-gradiented), the
-  log Z head runs on the last hidden states over the prompt when the objective needs it,
-  `objective(inputs, key=k)` gives the per-token loss, reduced by `losses.aggregate_parts`. The
-  step key is `fold_in(state.key, state.step)`, split once per micro-batch and again per use.
-  Objectives with batch-wide statistics (KL-Cov / Clip-Cov token selection) compute them per
-  micro-batch, as verl does.
+def jit_train_step(spec: StepSpec, *, mesh: Mesh, state_shardings: TrainState,
+                   rules: Optional[sharding.Rules] = None,
+                   compiler_options: Optional[Mapping[str, Any]] = None,
+                   max_traces: Optional[int] = None
+                   ) -> Callable[[TrainState, TrainBatch], tuple[TrainState, dict[str, Array]]]:
+  """`train_step` jitted once: state in and out in its shardings (donated), batch rows over
+  the batch axes, metrics replicated; called under the mesh and its logical rules.
 
   Args:
-    model: the decoder (its cfg sets param/compute dtype and remat).
-    objective: from `losses.get(name, **hparams)`.
-    tx: the optimizer the state was built with.
+    spec: what the step computes; its param_shardings default to state_shardings.params.
     mesh, state_shardings: from `create_train_state`.
-    micro_batches: gradient accumulation steps (a `lax.scan`); exact, see the module docstring.
-    logp_temperature: logits are divided by it (use the sampler's temperature).
-    chunk_size: positions per LM-head chunk (`token_logprobs`); None = one chunk.
-    norm_length: the constant length of "seq-mean-token-sum-norm" (Dr.GRPO); default L, the
-      padded length. verl uses max_response_length: pass the response bucket R for that.
-    rules: logical -> mesh axis rules.
-    remat_policy: overrides `model.cfg.remat_policy` ("none", "full", "dots", ...).
-    compute_entropy: compute the entropy metric (always on when the objective needs it).
-    logz_dropout: train-mode dropout in the log Z head, as the FlowRL authors.
-    compiler_options: XLA options for the jit (tests pass
-      {"xla_backend_optimization_level": 0}, which compiles tiny models ~3x faster on CPU).
-
-  Returns:
-    train_step(state, batch, *, prompt_length=0) -> (new state, metrics). prompt_length P (a
-    static int, one compile per value): columns < P are prompt, never in loss_mask, and get no
-    LM head (logp 0), which saves P / L of the head's FLOPs; the rollout layout [prompt P |
-    response R] passes its P. Metrics: loss, grad_norm (before clipping), lr,
-    entropy (masked mean over loss_mask), tokens (number of loss tokens), and the objective's
-    metrics (means over micro-batches). `train_step.num_traces()` counts traces (recompiles);
-    `train_step.jitted_for(P)` is the underlying `jax.jit` function for prompt_length P
-    (`train_step.jitted` for P = 0; call them under `sharding.use_mesh`).
-  """
-  if micro_batches < 1:
-    raise ValueError(f"micro_batches must be >= 1, got {micro_batches}.")
-  if not isinstance(objective, losses.Objective):
-    raise ValueError(f"objective must be a losses.Objective (from losses.get(name, ...)), got "
-                     f"{type(objective).__name__}; valid names: {', '.join(losses.names())}.")
-  needs = tuple(objective.spec.needs)
-  unknown = sorted(set(needs) - set(_NEEDS))
-  if unknown:
-    raise ValueError(f"Objective {objective.name!r} needs {unknown}, which the train step cannot "
-                     f"provide; it provides {list(_NEEDS)}.")
-  rules = tuple(rules or sharding.DEFAULT_RULES)
-  cfg = model.cfg if remat_policy is None else model.cfg.replace(remat_policy=remat_policy)
-  model = Decoder(cfg)
-  with_entropy = compute_entropy or "entropy" in needs
-  with_logz_head = isinstance(state_shardings.params, Mapping) and (
-      "logz_head" in state_shardings.params)
-  batch_sh = batch_sharding(mesh)
-  batch_axes = batch_sh.spec[0]
-  replicated = _replicated(mesh)
-  mb_sharding = NamedSharding(mesh, PartitionSpec(None, batch_axes))
-  traces = [0]
-
-  def loss_fn(params, mb, key, denominator, prompt_length):
-    obj_key, dropout_key = jax.random.split(key)
-    tokens_BT, mask_BT, loss_mask_BT = mb["tokens"], mb["mask"], mb["loss_mask"]
-    out = model.apply({"params": params["model"]}, tokens_BT, mask_BT=mask_BT,
-                      return_hidden=True, compute_logits=False)
-    # Column t is scored from the hidden state at t - 1; columns before `first` get logp 0
-    # (column 0 has no prefix, prompt columns are never in loss_mask) and no LM head.
-    first = max(prompt_length, 1)
-    res = logprobs.token_logprobs(params["model"], cfg, out.hidden[:, first - 1:-1],
-                                  tokens_BT[:, first:], temperature=logp_temperature,
-                                  chunk_size=chunk_size, return_entropy=with_entropy)
-    logp_BT, ent_BT = res if with_entropy else (res, None)
-    pad = lambda x: jnp.pad(x, ((0, 0), (first, 0)))
-    logp_BT = pad(logp_BT)
-    ent_BT = None if ent_BT is None else jax.lax.stop_gradient(pad(ent_BT))
-    log_z_B = None
-    if "log_z" in needs:
-      log_z_B = _logz_head().apply({"params": params["logz_head"]}, out.hidden,
-                                   mb["prompt_mask"], deterministic=not logz_dropout,
-                                   rngs={"dropout": dropout_key})
-    inputs = losses.LossInputs(
-        logp=logp_BT, old_logp=mb["old_logp"].astype(jnp.float32),
-        advantages=mb["advantages"].astype(jnp.float32), mask=loss_mask_BT,
-        ref_logp=None if "ref_logp" not in mb else mb["ref_logp"].astype(jnp.float32),
-        entropy=ent_BT, log_z=log_z_B)
-    per_token_BT, obj_metrics = objective(inputs, key=obj_key)
-    total, _ = losses.aggregate_parts(per_token_BT, loss_mask_BT, objective.agg_mode,
-                                      norm_length=norm_length)
-    ent_sum = (jnp.zeros((), jnp.float32) if ent_BT is None
-               else jnp.sum(jnp.where(loss_mask_BT, ent_BT, 0.0)))
-    return losses.safe_divide(total, denominator), (jax.lax.stop_gradient(obj_metrics), ent_sum)
-
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-  def step(state: TrainState, batch: dict[str, Array], prompt_length: int
-           ) -> tuple[TrainState, dict[str, Array]]:
-    traces[0] += 1
-    params = state.params
-    loss_mask = batch["loss_mask"]
-    # The denominators depend on the mask only: sum them first, then every micro-batch adds
-    # grad(s_i) / D, so the accumulation is the gradient of the whole batch's loss.
-    _, denominator = losses.aggregate_parts(jnp.zeros(loss_mask.shape, jnp.float32), loss_mask,
-                                            objective.agg_mode, norm_length=norm_length)
-    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    mb_keys = jax.random.split(step_key, micro_batches)
-    if micro_batches == 1:
-      (loss, (obj_metrics, ent_sum)), grads = grad_fn(params, batch, mb_keys[0], denominator,
-                                                       prompt_length)
-      grads = _to_f32(grads)
-    else:
-      n = loss_mask.shape[0]
-
-      def split(x):
-        # Micro-batch m takes rows m, m + M, m + 2M, ...: every device keeps an equal share.
-        x = x.reshape((n // micro_batches, micro_batches) + x.shape[1:]).swapaxes(0, 1)
-        return jax.lax.with_sharding_constraint(x, mb_sharding)
-
-      mbs = jax.tree.map(split, batch)
-      zeros = jax.lax.with_sharding_constraint(
-          jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params),
-          state_shardings.params)
-
-      def body(carry, xs):
-        acc, loss_acc = carry
-        mb, k = xs
-        (loss_i, aux), g = grad_fn(params, mb, k, denominator, prompt_length)
-        acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), acc, g)
-        return (acc, loss_acc + loss_i), aux
-
-      (grads, loss), (obj_metrics, ent_sums) = jax.lax.scan(
-          body, (zeros, jnp.zeros((), jnp.float32)), (mbs, mb_keys))
-      obj_metrics = jax.tree.map(lambda m: jnp.mean(m, axis=0), obj_metrics)
-      ent_sum = jnp.sum(ent_sums)
-    grad_norm = optax.global_norm(grads)
-    new_params, new_opt_state = apply_gradients(tx, params, state.opt_state, grads)
-    num_tokens = jnp.sum(loss_mask.astype(jnp.float32))
-    metrics = dict(obj_metrics)
-    metrics.update(
-        loss=loss, grad_norm=grad_norm, lr=learning_rate(new_opt_state),
-        tokens=num_tokens)
-    if with_entropy:
-      metrics["entropy"] = losses.safe_divide(ent_sum, num_tokens)
-    metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
-    new_state = state.replace(step=state.step + 1, params=new_params, opt_state=new_opt_state)
-    return new_state, metrics
-
-  jitted_by_prompt_length = {}
-
-  def jitted_for(prompt_length: int):
-    if prompt_length not in jitted_by_prompt_length:
-      jitted_by_prompt_length[prompt_length] = jax.jit(
-          functools.partial(step, prompt_length=prompt_length),
-          in_shardings=(state_shardings, batch_sh), out_shardings=(state_shardings, replicated),
-          donate_argnums=(0,),
-          compiler_options=None if compiler_options is None else dict(compiler_options))
-    return jitted_by_prompt_length[prompt_length]
-
-  batch_devices = _batch_devices(mesh)
-
-  def train_step(state: TrainState, batch: Mapping[str, Any], *, prompt_length: int = 0
-                 ) -> tuple[TrainState, dict]:
-    batch = _check_batch(batch, needs=needs, with_logz_head=with_logz_head,
-                         micro_batches=micro_batches, batch_devices=batch_devices)
-    prompt_length = _check_prompt_length(prompt_length, batch)
-    with sharding.use_mesh(mesh, rules):
-      return jitted_for(prompt_length)(state, batch)
-
-  train_step.jitted = jitted_for(0)
-  train_step.jitted_for = jitted_for
-  train_step.num_traces = lambda: traces[0]
-  return train_step
-
-
-def make_logp_fn(model: Decoder, *, mesh: Mesh, temperature: float = 1.0,
-                 chunk_size: Optional[int] = None, rules: Optional[sharding.Rules] = None
-                 ) -> Callable[[Any, Mapping[str, Array]], Array]:
-  """Jitted `logp_fn(params_model, batch) -> [N, L]` f32 log-probs (old_logp / ref_logp).
-
-  Reads batch["tokens"] and batch["mask"]; column t scores token t (column 0 is 0), exactly the
-  logp the train step computes, so old_logp recomputed with the current params gives ratio 1.
-  `logp_fn(params, batch, prompt_length=P)` leaves the P prompt columns 0 and skips their LM head,
-  as `train_step(..., prompt_length=P)`.
+    rules: logical -> mesh axis rules (default `sharding.DEFAULT_RULES`).
+    compiler_options: XLA options (tests pass {"xla_backend_optimization_level": 0}, which
+      compiles tiny models ~3x faster on CPU; same numerics).
+    max_traces: fail on more traces than this (`chex.assert_max_traces`, whose counter is keyed
+      on where the step was built: tests call `chex.clear_trace_counter()` between cases); each
+      prompt_length is one trace.
   """
   rules = tuple(rules or sharding.DEFAULT_RULES)
+  if spec.param_shardings is None:
+    spec = dataclasses.replace(spec, param_shardings=state_shardings.params)
+  n_devices = batch_devices(mesh)
+  has_head = isinstance(state_shardings.params, Mapping) and "logz_head" in state_shardings.params
 
-  def fn(params, tokens_BT, mask_BT, prompt_length):
-    return logprobs.forward_logprobs(model, params, tokens_BT, mask_BT=mask_BT,
-                                     temperature=temperature, chunk_size=chunk_size,
-                                     prompt_length=prompt_length)
+  def step(state, batch):
+    return train_step(state, batch, spec=spec)
 
-  jitted = jax.jit(fn, static_argnames="prompt_length")
+  if max_traces is not None:
+    step = chex.assert_max_traces(step, n=max_traces)
+  jitted = jax.jit(step, in_shardings=(state_shardings, batch_sharding(mesh)),
+                   out_shardings=(state_shardings, _replicated(mesh)), donate_argnums=(0,),
+                   compiler_options=None if compiler_options is None else dict(compiler_options))
 
-  def logp_fn(params_model: Any, batch: Mapping[str, Array], *, prompt_length: int = 0
-              ) -> Array:
-    if isinstance(params_model, Mapping) and "model" in params_model:
-      params_model = params_model["model"]
-    tokens, mask = batch["tokens"], batch["mask"]
-    prompt_length = _check_prompt_length(prompt_length, {"tokens": tokens, "loss_mask": None})
+  def run(state: TrainState, batch: TrainBatch) -> tuple[TrainState, dict[str, Array]]:
+    check_batch(batch, spec, has_logz_head=has_head, batch_devices=n_devices)
     with sharding.use_mesh(mesh, rules):
-      spec = sharding.logical_to_spec(("batch", None), tokens.shape, mesh, rules)
-      sh = NamedSharding(mesh, spec)
-      return jitted(params_model, jax.device_put(tokens, sh), jax.device_put(mask, sh),
-                    prompt_length=prompt_length)
+      return jitted(state, batch)
 
-  return logp_fn
+  return run

@@ -81,16 +81,17 @@ def token_logprobs(params: Any, cfg: ModelConfig, hidden_BTD: Array, targets_BT:
   return (logp, ent) if return_entropy else logp
 
 
-def forward_logprobs(model: Decoder, params: Any, tokens_BT: Array, *,
-                     mask_BT: Optional[Array] = None, positions_BT: Optional[Array] = None,
-                     temperature: float = 1.0, chunk_size: Optional[int] = None,
-                     return_entropy: bool = False, prompt_length: int = 0
-                     ) -> Union[Array, tuple[Array, Array]]:
-  """log pi(tokens[t] | tokens[<t]) aligned with the tokens: column t scores token t.
+def score_columns(model: Decoder, params: Any, tokens_BT: Array, *,
+                  mask_BT: Optional[Array] = None, positions_BT: Optional[Array] = None,
+                  temperature: float = 1.0, chunk_size: Optional[int] = None,
+                  return_entropy: bool = False, prompt_length: int = 0
+                  ) -> tuple[Array, Optional[Array], Array]:
+  """(logp [B, T], entropy [B, T] or None, final hidden states [B, T, D]) of one forward pass.
 
-  Column 0 has no prefix and is 0 (its entropy too); mask it out, as a response mask does.
-  Columns < prompt_length (static) are 0 too and skip the LM head: pass the prompt width when
-  only the response is scored.
+  The one place where column t scores token t: logp[:, t] = log pi(tokens[t] | tokens[<t]),
+  read from the hidden state at t - 1. Column 0 has no prefix and is 0 (its entropy too); mask
+  it out, as a response mask does. Columns < prompt_length (static) are 0 too and skip the LM
+  head: pass the prompt width when only the response is scored.
   """
   out = model.apply({"params": params}, tokens_BT, mask_BT=mask_BT, positions_BT=positions_BT,
                     return_hidden=True, compute_logits=False)
@@ -98,5 +99,19 @@ def forward_logprobs(model: Decoder, params: Any, tokens_BT: Array, *,
   res = token_logprobs(params, model.cfg, out.hidden[:, first - 1:-1], tokens_BT[:, first:],
                        temperature=temperature, chunk_size=chunk_size,
                        return_entropy=return_entropy)
+  logp, ent = res if return_entropy else (res, None)
   pad = lambda x: jnp.pad(x, ((0, 0), (first, 0)))
-  return (pad(res[0]), pad(res[1])) if return_entropy else pad(res)
+  return pad(logp), None if ent is None else pad(ent), out.hidden
+
+
+def forward_logprobs(model: Decoder, params: Any, tokens_BT: Array, *,
+                     mask_BT: Optional[Array] = None, positions_BT: Optional[Array] = None,
+                     temperature: float = 1.0, chunk_size: Optional[int] = None,
+                     return_entropy: bool = False, prompt_length: int = 0
+                     ) -> Union[Array, tuple[Array, Array]]:
+  """`score_columns` without the hidden states: logp [B, T] (and entropy [B, T])."""
+  logp, ent, _ = score_columns(model, params, tokens_BT, mask_BT=mask_BT,
+                               positions_BT=positions_BT, temperature=temperature,
+                               chunk_size=chunk_size, return_entropy=return_entropy,
+                               prompt_length=prompt_length)
+  return (logp, ent) if return_entropy else logp

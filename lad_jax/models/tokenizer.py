@@ -3,6 +3,7 @@
   tok = load_tokenizer(model_dir)                  # or a .gguf path (tokenizer built from it)
   ids = encode_chat(tok, [{"role": "user", "content": "Hi"}])
   tokens_BT, mask_BT = pad_batch([ids_a, ids_b], pad_id=tok.pad_token_id, side="left")
+  tok = CharTokenizer()                            # byte-level, for tiny random test models
 """
 
 from __future__ import annotations
@@ -65,3 +66,28 @@ def pad_batch(sequences: Sequence[Sequence[int]], *, pad_id: int, side: str = "l
     tokens[i, sl] = np.asarray(s, np.int32)
     mask[i, sl] = True
   return tokens, mask
+
+
+class CharTokenizer:
+  """Byte-level tokenizer for tiny random models: id = ord(c); 0 pad, 1 EOS, 2 unknown.
+
+  Only what the loop needs from a transformers tokenizer: encode, decode, pad/eos ids.
+  """
+
+  pad_token_id = 0
+  eos_token_id = 1
+  unk_id = 2
+  chat_template = None
+
+  def __init__(self, vocab_size: int = 128):
+    if vocab_size < 128:
+      raise ValueError(f"CharTokenizer needs a vocabulary of >= 128 ids, got {vocab_size}.")
+    self.vocab_size = vocab_size
+
+  def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+    del add_special_tokens
+    return [ord(c) if 3 <= ord(c) < 128 else self.unk_id for c in text]
+
+  def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+    del skip_special_tokens
+    return "".join(chr(i) for i in ids if 3 <= int(i) < 128)

@@ -1,0 +1,67 @@
+"""Held-out evaluation: Avg@k, unbiased Pass@k, distinct-n and distinct correct solutions.
+
+  scores = evaluate.evaluate(sampler, params, task, tokenizer, encode, key, num_prompts=32,
+                             settings=SampleSettings(group_size=8, max_new_tokens=1024),
+                             pass_k=(1, 4, 8))
+  # {"eval/<set>/avg@8": ..., "eval/<set>/pass@4": ..., "eval/<set>/distinct_3": ...}
+
+Every call with the same key samples with the same random draws (common random numbers), so
+the difference between two checkpoints' scores comes from the policy, not the noise.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
+
+from lad_jax import metrics as metrics_lib
+from lad_jax.rollout import Rollout, SampleSettings, sample_and_score
+
+
+def first_prompts(records: Sequence[Any], encode: Callable[[Mapping[str, Any]], Optional[list]],
+                  count: int) -> tuple[list[Any], list[list[int]]]:
+  """The first `count` records whose prompt fits, in order, with their prompt ids."""
+  chosen, ids = [], []
+  for j in range(len(records)):  # random access: records may be an array_record data source
+    if len(chosen) == count:
+      break
+    record = records[j]
+    tokens = encode(record)
+    if tokens is not None:
+      chosen.append(record)
+      ids.append(tokens)
+  return chosen, ids
+
+
+def set_metrics(r: Rollout, *, k: int, pass_k: Sequence[int], prefix: str) -> dict[str, float]:
+  """The metrics of one held-out set from a rollout of k samples per prompt."""
+  correct = r.correct.reshape(-1, k)
+  texts = list(r.texts)
+  responses = [r.response_tokens[n, :r.lengths[n]].tolist() for n in range(len(texts))]
+  out = {f"{prefix}/avg@{k}": metrics_lib.avg_at_k(correct.tolist())}
+  for kk in sorted(set(pass_k) | {k}):
+    out[f"{prefix}/pass@{kk}"] = metrics_lib.pass_at_k_mean(correct.tolist(), kk)
+  for n in (3, 4):
+    out[f"{prefix}/distinct_{n}"] = metrics_lib.distinct_n(responses, n)
+  out[f"{prefix}/distinct_correct"] = float(np.mean([
+      metrics_lib.distinct_correct(texts[p * k:(p + 1) * k], correct[p].tolist())
+      for p in range(correct.shape[0])]))
+  out[f"{prefix}/response_length/mean"] = float(r.lengths.mean())
+  return out
+
+
+def evaluate(sampler, params, task, tokenizer, encode, key, *, num_prompts: int,
+             settings: SampleSettings, pass_k: Sequence[int] = ()) -> dict[str, float]:
+  """Samples `settings.group_size` = k responses for the first `num_prompts` prompts of each
+  held-out set (set i with `fold_in(key, i)`) and scores them."""
+  out = {}
+  for i, (name, records) in enumerate(sorted(task.evals.items())):
+    chosen, ids = first_prompts(records, encode, num_prompts)
+    if not chosen:
+      continue
+    r, _, _ = sample_and_score(sampler, params, task, tokenizer, chosen, ids,
+                               jax.random.fold_in(key, i), settings=settings)
+    out.update(set_metrics(r, k=settings.group_size, pass_k=pass_k, prefix=f"eval/{name}"))
+  return out

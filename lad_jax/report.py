@@ -1,0 +1,88 @@
+"""What a run leaves for a reader: its workdir, decoded samples and the end-of-run summary.
+
+  print(report.summary(config))   # per-step table of the key metrics, evaluations, output paths
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import jax
+
+from lad_jax import metrics as metrics_lib
+from lad_jax.rollout import Rollout
+
+
+def write_samples(path: str, step: int, r: Rollout, tokenizer: Any, *, count: int) -> None:
+  """Appends the first `count` (prompt, response, reward) triples of a rollout, for reading."""
+  with open(path, "a", encoding="utf-8") as f:
+    for i in range(min(count, len(r.texts))):
+      prompt = tokenizer.decode(r.prompt_tokens[i][r.prompt_mask[i]].tolist(),
+                                skip_special_tokens=False)
+      f.write(json.dumps({"step": step, "prompt": prompt, "response": str(r.texts[i]),
+                          "reward": float(r.rewards[i]),
+                          "correct": bool(r.correct[i])}) + "\n")
+
+
+def set_compile_cache(directory: Optional[str]) -> dict[str, Any]:
+  """Points jax's persistent compilation cache at `directory`; returns the previous settings."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {n: getattr(jax.config, n) for n in names}
+  if directory:
+    values = (os.path.expanduser(directory), 0.0, 0)
+    for n, v in zip(names, values):
+      jax.config.update(n, v)
+  return previous
+
+
+def workdir(config) -> str:
+  return os.path.expanduser(config.workdir or os.path.join("/tmp/lad_runs", config.name))
+
+
+# (column title, metric, format) of the end-of-run table.
+_SUMMARY_COLUMNS = (
+    ("step", "step", "{:>4.0f}"), ("reward", "critic/rewards/mean", "{:>6.3f}"),
+    ("acc", "critic/acc/mean", "{:>5.2f}"), ("len", "response_length/mean", "{:>5.1f}"),
+    ("pg_loss", "actor/pg_loss", "{:>8.4f}"), ("entropy", "actor/entropy", "{:>7.3f}"),
+    ("gen_s", "timing_s/gen", "{:>5.0f}"), ("update_s", "timing_s/update", "{:>8.0f}"),
+    ("eval_s", "timing_s/eval", "{:>6.0f}"), ("step_s", "timing_s/step", "{:>6.0f}"),
+)
+
+
+def summary(config, *, wall_s: Optional[float] = None) -> str:
+  """The end-of-run report: key metrics of every step, the last evaluation, where outputs are.
+
+  Reads <workdir>/metrics.jsonl, so it also covers steps run before a resume.
+  """
+  wd = workdir(config)
+  path = os.path.join(wd, "metrics.jsonl")
+  rows = metrics_lib.read_jsonl(path) if os.path.exists(path) else []
+  steps = sum("critic/rewards/mean" in row for row in rows)
+  head = f"{config.name}: {steps} step(s)"
+  if wall_s is not None:
+    head += f", {wall_s / 60:.1f} min wall (this process)"
+  lines = [head]
+  widths = [len(fmt.format(0.0)) for _, _, fmt in _SUMMARY_COLUMNS]
+  if steps:
+    lines.append("  ".join(t.rjust(w) for (t, _, _), w in zip(_SUMMARY_COLUMNS, widths)))
+  for row in rows:
+    if "critic/rewards/mean" not in row:  # the step-0 evaluation row
+      continue
+    cells = []
+    for (_, name, fmt), w in zip(_SUMMARY_COLUMNS, widths):
+      value = row.get(name)
+      cells.append(fmt.format(value) if value is not None else "-".rjust(w))
+    lines.append("  ".join(cells))
+  for row in rows:
+    scores = ", ".join(f"{k[len('eval/'):]}={v:.3f}" for k, v in sorted(row.items())
+                       if k.startswith("eval/") and ("avg@" in k or "pass@" in k))
+    if scores:
+      when = "before training" if row["step"] == 0 else f"after step {row['step']:.0f}"
+      lines.append(f"eval {when}: {scores}")
+  lines.append(f"outputs in {wd}: metrics.jsonl (every metric, one line per step), "
+               "samples.jsonl (decoded rollouts), TensorBoard events "
+               f"(tensorboard --logdir {wd}), checkpoints/ (rerunning the command resumes)")
+  return "\n".join(lines)
