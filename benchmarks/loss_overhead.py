@@ -2,7 +2,7 @@
 
   python benchmarks/loss_overhead.py [--batch 64] [--length 2048] [--rounds 15] [--iters 10]
 
-The paper claims LAD costs what GRPO costs. Every objective in `losses.names()` (LAD with its
+The paper claims LAD costs what GRPO costs. Every objective in `objectives.names()` (LAD with its
 default JS divergence, plus one extra row per other built-in divergence) gets the same fp32 inputs:
 old log-probs of a peaked policy, a current policy a little away from it, GRPO advantages of
 groups of 8 binary rewards, ragged response lengths (mask), entropies, reference log-probs, log Z
@@ -29,6 +29,7 @@ import numpy as np
 
 from lad_jax import divergences
 from lad_jax import losses
+from lad_jax import objectives
 
 
 def make_inputs(batch: int, length: int, *, seed: int = 0, group: int = 8):
@@ -52,7 +53,7 @@ def make_inputs(batch: int, length: int, *, seed: int = 0, group: int = 8):
   return inputs, per_action
 
 
-def _timed_fn(objective: losses.Objective):
+def _timed_fn(objective: objectives.Objective):
   def loss(logp, inputs, key):
     return objective.loss(inputs.replace(logp=logp), key=key)
 
@@ -72,12 +73,12 @@ def main():
   inputs, per_action = make_inputs(args.batch, args.length)
   key = jax.random.key(0)
   rows = []  # (label, objective, inputs)
-  for name in losses.names():
-    rows.append((name, losses.get(name), per_action if name == "lad_theoretical" else inputs))
+  for name in objectives.names():
+    rows.append((name, objectives.get(name), per_action if name == "lad_theoretical" else inputs))
     if name == "lad":
       for div in divergences.names() + ["alpha:0.5"]:
         if div != "js":
-          rows.append((f"lad[{div}]", losses.get("lad", divergence=div), inputs))
+          rows.append((f"lad[{div}]", objectives.get("lad", divergence=div), inputs))
   if args.only:
     keep = set(args.only.split(",")) | {"grpo", "lad"}
     rows = [row for row in rows if row[0] in keep]

@@ -102,7 +102,7 @@ def _batch(cfg, *, batch: int, length: int, prompt: int, seed: int = 0) -> dict[
 
 
 def _ours(cfg, params, batch, objective_name: str, **hparams):
-  from lad_jax import losses, sharding, train  # pylint: disable=g-import-not-at-top
+  from lad_jax import objectives, sharding, train  # pylint: disable=g-import-not-at-top
   from lad_jax.models import Decoder  # pylint: disable=g-import-not-at-top
 
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
@@ -110,7 +110,7 @@ def _ours(cfg, params, batch, objective_name: str, **hparams):
   tx = train.make_optimizer(lr=1e-6, weight_decay=0.01, grad_clip=1.0)
   state, shardings = train.create_train_state(model, tx, jax.random.key(0), mesh=mesh,
                                               params=params)
-  step = train.make_train_step(model, losses.get(objective_name, **hparams), tx, mesh=mesh,
+  step = train.make_train_step(model, objectives.get(objective_name, **hparams), tx, mesh=mesh,
                                state_shardings=shardings)
   holder = [state]
 

@@ -2,8 +2,8 @@
 
 The policy is a softmax over a 50-vector of logits (initialised to zeros, i.e. uniform), trained
 with Adam. Each step builds a batch of arms, scores it with a registered objective
-(`lad_jax.losses.get`) as a batch of B one-token "sequences" (T = 1, mask of ones), and takes one
-Adam step. The behaviour policy pi_old starts uniform and is refreshed to the current policy
+(`lad_jax.objectives.get`) as a batch of B one-token "sequences" (T = 1, mask of ones), and takes
+one Adam step. The behaviour policy pi_old starts uniform and is refreshed to the current policy
 `refreshes` times, evenly spaced (the paper: twice in 4000 steps, i.e. three equal phases).
 
 Two modes:
@@ -77,6 +77,7 @@ import optax
 
 from lad_jax import divergences
 from lad_jax import losses
+from lad_jax import objectives
 
 Array = jax.Array
 
@@ -134,7 +135,8 @@ class BanditConfig:
     refreshes: how many times pi_old is set to the current policy, evenly spaced (0: fixed uniform
       pi_old; steps - 1: every step, as in the authors' SEAL harness).
     log_every: the trajectory keeps the logits every `log_every` steps.
-    clip_log_ratio: clamp of log pi - log pi_old before exp in the GRPO KL penalty.
+    log_ratio_clip: clamp of log pi - log pi_old before exp in the KL(pi || pi_old) penalty
+      (`losses.LOG_RATIO_CLIP`, the objectives' own default).
   """
 
   num_arms: int = NUM_ARMS
@@ -145,7 +147,7 @@ class BanditConfig:
   exact_temperature: float = 1.0
   refreshes: int = 2
   log_every: int = 10
-  clip_log_ratio: float = 20.0
+  log_ratio_clip: float = losses.LOG_RATIO_CLIP
 
   def __post_init__(self):
     if self.steps < 1 or self.log_every < 1 or self.steps % self.log_every:
@@ -172,7 +174,7 @@ class Method:
   Attributes:
     name: bandit name (e.g. "lad_js").
     objective: registry name.
-    hparams: eta -> hyperparameters for `losses.get` (eta may be a tracer when eta is swept).
+    hparams: eta -> hyperparameters for `objectives.get` (eta may be a tracer when eta is swept).
     kl_over_eta: weight of KL(pi || pi_old) in units of eta (GRPO: 1).
     log_z: "exact" (log sum_k pi_old e^(beta A)) or "authors" (log sum_k e^(beta reward)).
     full_action: the objective takes the whole action axis (theoretical LAD).
@@ -185,8 +187,8 @@ class Method:
   log_z: Optional[str] = None
   full_action: bool = False
 
-  def get(self, eta) -> losses.Objective:
-    return losses.get(self.objective, **self.hparams(eta))
+  def get(self, eta) -> objectives.Objective:
+    return objectives.get(self.objective, **self.hparams(eta))
 
 
 def method(name: str) -> Method:
@@ -274,7 +276,7 @@ def exact_batch(old_logits_K: Array, rewards_K: Array, *, temperature: float) ->
 
 
 def bandit_loss(logits_K: Array, old_logits_K: Array, batch: Batch, *, m: Method, eta,
-                rewards_K: Array, key: Array, clip_log_ratio: float = 20.0):
+                rewards_K: Array, key: Array, log_ratio_clip: float = losses.LOG_RATIO_CLIP):
   """Scalar loss of one step (differentiable in logits_K) and the objective's metrics.
 
   Args:
@@ -285,7 +287,7 @@ def bandit_loss(logits_K: Array, old_logits_K: Array, batch: Batch, *, m: Method
     eta: LAD temperature (float or tracer).
     rewards_K: [K] reward of every arm.
     key: PRNG key passed to the objective.
-    clip_log_ratio: clamp of l before exp in the KL penalty.
+    log_ratio_clip: clamp of l before exp in the KL penalty.
   """
   objective = m.get(eta)
   old_logits_K = jax.lax.stop_gradient(old_logits_K)
@@ -317,7 +319,7 @@ def bandit_loss(logits_K: Array, old_logits_K: Array, batch: Batch, *, m: Method
   if m.kl_over_eta:
     # E_old[r l] = KL(pi || pi_old) (importance-weighted k1): unbiased from samples of pi_old and
     # exact with the exact weights; with tempered samples (T != 1) it is E_q[r l] instead.
-    l_N = jnp.clip(logp_N1[:, 0] - old_logp_N1[:, 0], -clip_log_ratio, clip_log_ratio)
+    l_N = losses.log_ratio(logp_N1[:, 0], old_logp_N1[:, 0], clip=log_ratio_clip)
     kl = jnp.mean(batch.scale_N * jnp.exp(l_N) * l_N)
     loss = loss + m.kl_over_eta * eta * kl
     metrics = {**metrics, "kl_old": kl}
@@ -396,7 +398,7 @@ def make_step(m: Method, mode: str, config: BanditConfig, optimizer: optax.Gradi
     else:
       batch = exact_batch(old_logits_K, rewards_K, temperature=config.exact_temperature)
     loss_fn = lambda lg: bandit_loss(lg, old_logits_K, batch, m=m, eta=eta, rewards_K=rewards_K,
-                                     key=loss_key, clip_log_ratio=config.clip_log_ratio)
+                                     key=loss_key, log_ratio_clip=config.log_ratio_clip)
     (loss, _), grad_K = jax.value_and_grad(loss_fn, has_aux=True)(logits_K)
     updates, opt_state = optimizer.update(grad_K, opt_state, logits_K)
     return (optax.apply_updates(logits_K, updates), old_logits_K, opt_state), loss
@@ -617,7 +619,7 @@ def exact_loss_fn(name: str, config: BanditConfig, eta: float) -> Callable[[Arra
   def fn(logits_K, old_logits_K):
     batch = exact_batch(old_logits_K, rewards_K, temperature=config.exact_temperature)
     loss, _ = bandit_loss(logits_K, old_logits_K, batch, m=m, eta=eta, rewards_K=rewards_K,
-                          key=jax.random.key(0), clip_log_ratio=config.clip_log_ratio)
+                          key=jax.random.key(0), log_ratio_clip=config.log_ratio_clip)
     return loss
 
   return fn

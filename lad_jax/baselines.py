@@ -3,13 +3,16 @@ alpha-DPG and plain policy gradient.
 
 Each objective is a pure function of [B, T] arrays that returns `(per_token_BT, metrics)`; masking
 and reduction happen once, in `lad_jax.losses.aggregate`, with the aggregation mode its authors use
-(recorded in `OBJECTIVES`). Each has a registry adapter `fn(inputs: LossInputs, *, key=None,
-**hparams)` so that `losses.get("dapo")` etc. work. Sources, defaults and the exact behaviour of the
-public code are in shared/reference/baselines.md (cited below as "ref §N").
+(recorded on its registry entry in `lad_jax.objectives`). Each has a registry adapter
+`fn(inputs: LossInputs, *, key=None, **hparams)` so that `objectives.get("grpo")` etc. work; DAPO
+and Dr.GRPO are `grpo` with other defaults / aggregation, set on their registry entries. Sources,
+defaults and the exact behaviour of the public code are in shared/reference/baselines.md (cited
+below as "ref §N").
 
-Notation, per token: l = logp - old_logp (clamped to ±log_ratio_clip before any exp, as verl),
-r = exp(l), A = advantage (sequence advantages are broadcast to tokens). All math is fp32, also
-for bf16 inputs; advantages, old/ref log-probs and entropies are constants (stop_gradient).
+Notation, per token: l = logp - old_logp (clamped to ±log_ratio_clip before any exp, as verl:
+`losses.log_ratio`, default `losses.LOG_RATIO_CLIP`), r = exp(l), A = advantage (sequence
+advantages are broadcast to tokens). All math is fp32, also for bf16 inputs; advantages, old/ref
+log-probs and entropies are constants (stop_gradient).
 """
 
 from __future__ import annotations
@@ -23,13 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lad_jax import losses
-from lad_jax.losses import LossInputs, ObjectiveSpec, masked_mean, token_advantages
+from lad_jax.losses import LOG_RATIO_CLIP, LossInputs, log_ratio, masked_mean, ratio_metrics
+from lad_jax.losses import token_advantages
 
 Array = jax.Array
 Metrics = dict[str, Array]
-
-LOG_RATIO_CLIP = 20.0  # verl `compute_policy_loss_vanilla` clamps l to ±20 before exp (ref §2.2).
-_F32_MAX = float(np.finfo(np.float32).max)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -49,33 +50,6 @@ def _valid(x_BT: Array, valid_BT: Array) -> Array:
   """fp32 x with padding set to 0, so padding may hold anything (even inf/NaN) without reaching a
   value or a gradient: `where` gives the padding a zero cotangent, never 0 * inf."""
   return jnp.where(valid_BT, _f32(x_BT), 0.0)
-
-
-def log_ratio(logp_BT: Array, old_logp_BT: Array, *, clip: float = LOG_RATIO_CLIP) -> Array:
-  """l = clip(logp - sg(old_logp), -clip, clip), fp32 [B, T] (verl, ref §2.2)."""
-  chex.assert_equal_shape([logp_BT, old_logp_BT])
-  return jnp.clip(_f32(logp_BT) - _const(old_logp_BT), -clip, clip)
-
-
-def _masked_max_min(x_BT: Array, mask_BT: Array) -> tuple[Array, Array]:
-  valid = mask_BT > 0
-  any_valid = jnp.any(valid)
-  x_max = jnp.max(jnp.where(valid, x_BT, -_F32_MAX))
-  x_min = jnp.min(jnp.where(valid, x_BT, _F32_MAX))
-  return jnp.where(any_valid, x_max, 0.0), jnp.where(any_valid, x_min, 0.0)
-
-
-def ratio_metrics(l_BT: Array, mask_BT: Array) -> Metrics:
-  """verl's ppo_kl (= masked mean of -l) and the importance-ratio mean/max/min over valid tokens."""
-  l_BT = jax.lax.stop_gradient(l_BT)
-  r_BT = jnp.exp(l_BT)
-  r_max, r_min = _masked_max_min(r_BT, mask_BT)
-  return {
-      "ppo_kl": masked_mean(-l_BT, mask_BT),
-      "ratio_mean": masked_mean(r_BT, mask_BT),
-      "ratio_max": r_max,
-      "ratio_min": r_min,
-  }
 
 
 def _check_key(key: Optional[Array], name: str) -> Array:
@@ -234,7 +208,9 @@ def grpo(
 
   loss_t = ppo_clip_loss(...)_t + kl_coef * kl_estimator(logp_t, ref_logp_t), reduced token-mean
   (verl default). `ref_logp` is needed only when kl_coef > 0. Defaults are verl's (clip 0.2,
-  dual clip 3.0, no KL); see `dapo` for the DAPO preset.
+  dual clip 3.0, no KL). DAPO is this function with eps_high 0.28 and clip_ratio_c 10.0 (ref §3),
+set as defaults on its registry entry (`objectives.get("dapo")`); its dynamic sampling is
+`advantages.group_keep_mask`.
 
   Returns:
     per-token loss [B, T] fp32 and verl's metrics: pg_clipfrac, pg_clipfrac_lower, ppo_kl,
@@ -250,25 +226,6 @@ def grpo(
       clip_ratio_c=clip_ratio_c, log_ratio_clip=log_ratio_clip)
   kl_BT, kl_metrics = _kl_term(inputs, kl_coef, kl_estimator, "grpo")
   return loss_BT + kl_BT, {**metrics, **kl_metrics}
-
-
-def dapo(
-    inputs: LossInputs,
-    *,
-    key: Optional[Array] = None,
-    eps_low: float = 0.2,
-    eps_high: float = 0.28,
-    clip_ratio_c: Optional[float] = 10.0,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    log_ratio_clip: float = LOG_RATIO_CLIP,
-) -> tuple[Array, Metrics]:
-  """DAPO recipe: `grpo` with clip-higher (0.2 / 0.28), dual clip 10.0, no KL, token-mean (ref §3).
-
-  Dynamic sampling (drop groups whose accuracy does not vary) is `advantages.group_keep_mask`.
-  """
-  return grpo(inputs, key=key, eps_low=eps_low, eps_high=eps_high, clip_ratio_c=clip_ratio_c,
-              kl_coef=kl_coef, kl_estimator=kl_estimator, log_ratio_clip=log_ratio_clip)
 
 
 def entadv_shaping(
@@ -366,8 +323,9 @@ def kl_cov_loss(
   valid_BT = mask_BT > 0
   adv_BT = _const(_valid(adv_BT, valid_BT))
   logp_BT = _valid(logp_BT, valid_BT)
-  raw_l_BT = logp_BT - _const(_valid(old_logp_BT, valid_BT))
-  l_BT = jnp.clip(raw_l_BT, -log_ratio_clip, log_ratio_clip)
+  old_logp_BT = _valid(old_logp_BT, valid_BT)
+  raw_l_BT = logp_BT - _const(old_logp_BT)
+  l_BT = log_ratio(logp_BT, old_logp_BT, clip=log_ratio_clip)
   pg_BT = -adv_BT * jnp.exp(l_BT)
   abs_l_BT = jnp.abs(raw_l_BT)
 
@@ -643,29 +601,3 @@ def reinforce(inputs: LossInputs, *, key: Optional[Array] = None) -> tuple[Array
   del key  # deterministic
   adv_BT = token_advantages(inputs.advantages, inputs.logp.shape)
   return reinforce_loss(inputs.logp, adv_BT, inputs.mask)
-
-
-# ------------------------------------------------------------------------------------------------
-# Registry entries (collected by lad_jax.losses)
-# ------------------------------------------------------------------------------------------------
-
-OBJECTIVES: list[ObjectiveSpec] = [
-    ObjectiveSpec("grpo", grpo, "token-mean", "grpo",
-                  doc="PPO-clip with clip-higher and dual clip, optional KL to ref (verl)."),
-    ObjectiveSpec("dapo", dapo, "token-mean", "grpo",
-                  doc="DAPO: PPO-clip 0.2/0.28, dual clip 10, token-mean."),
-    ObjectiveSpec("drgrpo", grpo, "seq-mean-token-sum-norm", "drgrpo",
-                  doc="Dr.GRPO: PPO-clip, no std in advantages, sum / (B * max length)."),
-    ObjectiveSpec("flowrl", flowrl, "seq-mean-token-sum", "grpo", needs=("ref_logp", "log_z"),
-                  doc="FlowRL trajectory balance with a learned log Z, beta 15."),
-    ObjectiveSpec("kl_cov", kl_cov, "token-mean", "grpo",
-                  doc="KL-Cov: unclipped -A r, |l| penalty on the top-cov tokens."),
-    ObjectiveSpec("clip_cov", clip_cov, "token-mean", "grpo",
-                  doc="Clip-Cov: zero gradient on random tokens with cov in (lb, ub); needs key."),
-    ObjectiveSpec("entadv", entadv, "token-mean", "grpo", needs=("entropy",),
-                  doc="EntAdv: A + min(alpha H, |A| / kappa), then PPO-clip."),
-    ObjectiveSpec("alpha_dpg", reinforce, "seq-mean-token-sum-norm", "alpha_dpg",
-                  doc="alpha-DPG: REINFORCE on alpha-divergence pseudo-rewards, LOO baseline."),
-    ObjectiveSpec("pg", reinforce, "token-mean", "grpo",
-                  doc="Plain policy gradient -A logp (reference)."),
-]

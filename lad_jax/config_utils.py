@@ -49,9 +49,20 @@ def _keyword_defaults(fn: Callable[..., Any], skip: tuple[str, ...] = ("key",)) 
 
 
 def objective_hparams() -> ConfigDict:
-  """{objective name: {hyperparameter: default}} for every registered objective."""
-  from lad_jax import losses  # pylint: disable=g-import-not-at-top
-  return ConfigDict({name: _keyword_defaults(losses.get(name).spec.fn) for name in losses.names()})
+  """{objective name: {hyperparameter: default}} for every registered objective.
+
+  The defaults are the objective function's, with its registry entry's own over them (e.g.
+  dapo's eps_high 0.28 and clip_ratio_c 10.0 over grpo's 0.2 and 3.0).
+  """
+  from lad_jax import objectives  # pylint: disable=g-import-not-at-top
+  out = ConfigDict()
+  for name in objectives.names():
+    spec = objectives.SPECS[name]
+    hparams = _keyword_defaults(spec.fn)
+    for key, value in spec.defaults.items():
+      hparams[key] = value
+    out[name] = hparams
+  return out
 
 
 def estimator_hparams() -> ConfigDict:
@@ -294,7 +305,7 @@ def validate(config: ConfigDict) -> None:
       batch layout, an unknown objective / estimator / hyperparameter.
   """
   from lad_jax import advantages as advantages_lib  # pylint: disable=g-import-not-at-top
-  from lad_jax import losses  # pylint: disable=g-import-not-at-top
+  from lad_jax import objectives as objectives_lib  # pylint: disable=g-import-not-at-top
   from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
 
   known = _flat_keys(base_config())
@@ -357,11 +368,11 @@ def validate(config: ConfigDict) -> None:
                       f"{NOT_FOR_ROLLOUTS[config.loss.name]}.")
   try:
     kwargs = loss_kwargs(config)
-    if "divergence" in kwargs:  # losses.get binds it unchecked; the first call would fail
+    if "divergence" in kwargs:  # objectives.get binds it unchecked; the first call would fail
       from lad_jax import divergences  # pylint: disable=g-import-not-at-top
       divergences.get(kwargs["divergence"])
-    objective = losses.get(config.loss.name, agg_mode=config.loss.agg_mode, **kwargs)
-    estimator = config.advantage.estimator or objective.spec.advantage_estimator
+    objective = objectives_lib.get(config.loss.name, agg_mode=config.loss.agg_mode, **kwargs)
+    estimator = config.advantage.estimator or objective.advantage_estimator
     advantages_lib.get(estimator, **estimator_kwargs(config, estimator))
   except ValueError as e:
     raise ConfigError(str(e)) from e

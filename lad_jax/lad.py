@@ -18,7 +18,7 @@ conditioned than differentiating `e^u f(x)`: at u = 10 the value is ~1e4 while t
 
 Usage:
 
-  objective = losses.get("lad", divergence="js", eta=0.25)
+  objective = objectives.get("lad", divergence="js", eta=0.25)
   per_token_BT, metrics = objective(inputs)
   loss = losses.aggregate(per_token_BT, inputs.mask, objective.agg_mode)
 """
@@ -61,14 +61,14 @@ def _practical_parts(
     *,
     divergence: divergences.DivergenceLike,
     eta,
-    clip_log_ratio,
+    log_ratio_clip,
     clip_adv,
 ) -> dict[str, Array]:
   """Per-token pieces of practical LAD: loss, l, r, a_hat, value (all [B, T])."""
   chex.assert_rank(logp, 2)
   chex.assert_equal_shape([logp, old_logp])
   _check_positive("eta", eta)
-  _check_positive("clip_log_ratio", clip_log_ratio)
+  _check_positive("log_ratio_clip", log_ratio_clip)
   _check_positive("clip_adv", clip_adv)
   div = divergences.get(divergence)
   dtype = _compute_dtype(logp, old_logp, advantages)
@@ -79,15 +79,15 @@ def _practical_parts(
     u_BT = sg(advantages.astype(dtype))[:, None] / eta
   else:
     u_BT = sg(losses.token_advantages(advantages, logp.shape).astype(dtype)) / eta
-  log_ratio_BT = logp.astype(dtype) - sg(old_logp.astype(dtype))
+  logp, old_logp = logp.astype(dtype), old_logp.astype(dtype)
   if mask is not None:
     # Padding may hold anything (even -inf log-probs): give it l = 0 so everything stays finite,
     # and a value and gradient of exactly 0 (below).
     valid_BT = mask > 0
-    log_ratio_BT = jnp.where(valid_BT, log_ratio_BT, 0.0)
+    logp, old_logp = jnp.where(valid_BT, logp, 0.0), jnp.where(valid_BT, old_logp, 0.0)
   # Clamp before any exp (verl clamps l to +-20); u is clamped too because e^u appears in the value
   # and in a_hat: |A/eta| > 20 would mean a target weight e^20 ~ 5e8 times the old probability.
-  l_BT = jnp.clip(log_ratio_BT, -clip_log_ratio, clip_log_ratio)
+  l_BT = losses.log_ratio(logp, old_logp, clip=log_ratio_clip)
   u_BT = jnp.clip(u_BT, -clip_adv, clip_adv)
   l_const_BT = sg(l_BT)
   value_BT = div.weighted(l_const_BT, u_BT)
@@ -108,15 +108,16 @@ def practical_per_token(
     *,
     divergence: divergences.DivergenceLike = "js",
     eta=1.0,
-    clip_log_ratio=20.0,
+    log_ratio_clip=losses.LOG_RATIO_CLIP,
     clip_adv=20.0,
     mask: Optional[Array] = None,
 ) -> Array:
   """Practical LAD per token: value e^u f(x) (Eq. 8 term), gradient f'(x) r grad logp (Eq. 9).
 
-  `l = clip(logp - old_logp, +-clip_log_ratio)` and `u = clip(A / eta, +-clip_adv)` before any exp;
-  a clamped l has zero gradient, as in verl. Math runs in float32 at least, whatever the input
-  dtype. old_logp and advantages are constants (stop_gradient).
+  `l = clip(logp - old_logp, +-log_ratio_clip)` (`losses.log_ratio`) and
+  `u = clip(A / eta, +-clip_adv)` before any exp; a clamped l has zero gradient, as in verl. Math
+  runs in float32 at least, whatever the input dtype. old_logp and advantages are constants
+  (stop_gradient).
 
   Args:
     logp: [B, T] log pi_theta of the sampled tokens (differentiable).
@@ -125,7 +126,7 @@ def practical_per_token(
     divergence: a name ("js", "tv", "alpha:0.5", ...), a `divergences.Divergence`, or a convex
       callable f; see `divergences.get`.
     eta: temperature of the advantage distribution P_A ∝ e^(A/eta) (the authors' kappa = 1/eta).
-    clip_log_ratio: clamp of l.
+    log_ratio_clip: clamp of l (`losses.LOG_RATIO_CLIP`, shared with every baseline).
     clip_adv: clamp of u = A / eta.
     mask: optional [B, T]; tokens with mask 0 get l = 0 and a value and gradient of exactly 0,
       which makes arbitrary padding values (even -inf) harmless. Reduction is still
@@ -136,7 +137,7 @@ def practical_per_token(
   """
   return _practical_parts(
       logp, old_logp, advantages, mask, divergence=divergence, eta=eta,
-      clip_log_ratio=clip_log_ratio, clip_adv=clip_adv,
+      log_ratio_clip=log_ratio_clip, clip_adv=clip_adv,
   )["loss"]
 
 
@@ -146,7 +147,7 @@ def practical(
     key: Optional[Array] = None,
     divergence: divergences.DivergenceLike = "js",
     eta=1.0,
-    clip_log_ratio=20.0,
+    log_ratio_clip=losses.LOG_RATIO_CLIP,
     clip_adv=20.0,
 ) -> tuple[Array, dict[str, Array]]:
   """Registry adapter for practical LAD (paper Eq. 8 / Eq. 9); see `practical_per_token`.
@@ -154,7 +155,7 @@ def practical(
   Args:
     inputs: `LossInputs` with logp, old_logp [B, T], advantages [B] or [B, T], mask [B, T].
     key: unused (LAD is deterministic).
-    divergence, eta, clip_log_ratio, clip_adv: as in `practical_per_token`.
+    divergence, eta, log_ratio_clip, clip_adv: as in `practical_per_token`.
 
   Returns:
     (per_token [B, T], metrics) with masked means over valid tokens:
@@ -164,7 +165,7 @@ def practical(
   del key
   parts = _practical_parts(
       inputs.logp, inputs.old_logp, inputs.advantages, inputs.mask, divergence=divergence,
-      eta=eta, clip_log_ratio=clip_log_ratio, clip_adv=clip_adv,
+      eta=eta, log_ratio_clip=log_ratio_clip, clip_adv=clip_adv,
   )
   mask_BT = inputs.mask
   metrics = {
@@ -307,20 +308,3 @@ def theoretical_objective(
   }
   return per_action_BK, metrics
 
-
-OBJECTIVES = [
-    losses.ObjectiveSpec(
-        name="lad",
-        fn=practical,
-        agg_mode="token-mean",
-        advantage_estimator="grpo",
-        doc="Practical LAD (Eq. 8): e^(A/eta) f(r e^(-A/eta)) per token; JS by default.",
-    ),
-    losses.ObjectiveSpec(
-        name="lad_theoretical",
-        fn=theoretical_objective,
-        agg_mode="seq-mean-token-sum",
-        advantage_estimator="grpo",
-        doc="Theoretical LAD (Eq. 7) over a full action axis: inputs are [B, K] per-action arrays.",
-    ),
-]

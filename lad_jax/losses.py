@@ -1,25 +1,26 @@
-"""Objectives: shared inputs, aggregation, KL-to-reference estimators, and the registry.
+"""The pieces every objective shares: inputs, aggregation, the log-ratio clamp, ratio metrics,
+KL-to-reference estimators.
 
 Every objective is a pure per-token function (see `lad_jax.lad` for LAD, `lad_jax.baselines` for
 GRPO/DAPO, Dr.GRPO, FlowRL, KL-Cov, Clip-Cov, EntAdv, alpha-DPG). Masking and reduction happen once,
 in `aggregate`, so every objective is reduced the same way, exactly as verl's `agg_loss` does.
 
-The trainer and the bandit use objectives through the registry:
+This module imports nothing from lad_jax: `lad`, `baselines` and the registry
+(`lad_jax.objectives`) build on it.
 
-  objective = losses.get("lad", divergence="js", eta=0.25)
+  objective = objectives.get("lad", divergence="js", eta=0.25)
   per_token_BT, metrics = objective(inputs, key=key)
   loss = losses.aggregate(per_token_BT, inputs.mask, objective.agg_mode)
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
-from typing import Any, Callable, Mapping, Optional
+from typing import Optional
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 
@@ -30,6 +31,10 @@ AGG_MODES = (
     "seq-mean-token-sum-norm",
 )
 KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+# The clamp of l = logp - old_logp before any exp, shared by LAD and every baseline: verl's
+# `compute_policy_loss_vanilla` clamps l to +-20 (e^20 ~ 4.9e8), shared/reference/baselines.md §2.2.
+LOG_RATIO_CLIP = 20.0
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 @chex.dataclass(frozen=True)
@@ -145,107 +150,61 @@ def kl_penalty(logp: Array, ref_logp: Array, *, estimator: str = "k3", clip: flo
   """
   logp = logp.astype(jnp.float32)
   ref_logp = jax.lax.stop_gradient(ref_logp.astype(jnp.float32))
-  log_ratio = ref_logp - logp
+  l_ref = ref_logp - logp
   if estimator == "k1":
-    return -log_ratio
+    return -l_ref
   if estimator == "k2":
-    return 0.5 * jnp.square(log_ratio)
+    return 0.5 * jnp.square(l_ref)
   if estimator in ("k3", "low_var_kl"):
-    log_ratio = jnp.clip(log_ratio, -20.0, 20.0)
-    return jnp.clip(jnp.expm1(log_ratio) - log_ratio, -clip, clip)
+    l_ref = jnp.clip(l_ref, -LOG_RATIO_CLIP, LOG_RATIO_CLIP)
+    return jnp.clip(jnp.expm1(l_ref) - l_ref, -clip, clip)
   raise ValueError(f"Unknown KL estimator {estimator!r}; valid estimators: {', '.join(KL_ESTIMATORS)}.")
 
 
-# ------------------------------------------------------------------------------------------------
-# Registry
-# ------------------------------------------------------------------------------------------------
+def log_ratio(logp: Array, old_logp: Array, *, clip=LOG_RATIO_CLIP) -> Array:
+  """l = clip(logp - sg(old_logp), -clip, clip), the clamped log importance ratio (DESIGN §2).
 
-ObjectiveFn = Callable[..., tuple[Array, dict[str, Array]]]
+  Every objective clamps l before any exp, as verl does; a clamped l has zero gradient.
 
+  Args:
+    logp: [...] log pi_theta (differentiable), e.g. [B, T].
+    old_logp: log pi_old, the same shape (treated as a constant).
+    clip: the clamp (LAD's and every baseline's `log_ratio_clip`); may be traced.
 
-@dataclasses.dataclass(frozen=True)
-class ObjectiveSpec:
-  """How the trainer should run one registered objective.
-
-  Attributes:
-    name: registry name.
-    fn: `fn(inputs: LossInputs, *, key, **hparams) -> (per_token [B, T], metrics)`; the metrics are
-      scalars (clip fractions, ratio stats, ...), already masked.
-    agg_mode: the aggregation its authors use.
-    advantage_estimator: the advantage estimator its authors use (see `lad_jax.advantages`).
-    needs: which optional `LossInputs` fields it reads ("ref_logp", "entropy", "log_z").
-    doc: one line for listings.
+  Returns:
+    l, the shape of logp, in float32 at least (bf16 is upcast, float64 stays float64).
   """
-
-  name: str
-  fn: ObjectiveFn
-  agg_mode: str = "token-mean"
-  advantage_estimator: str = "grpo"
-  needs: tuple[str, ...] = ()
-  doc: str = ""
+  chex.assert_equal_shape([logp, old_logp])
+  dtype = jnp.result_type(jnp.float32, logp.dtype, old_logp.dtype)
+  diff = logp.astype(dtype) - jax.lax.stop_gradient(old_logp.astype(dtype))
+  return jnp.clip(diff, -clip, clip)
 
 
-@dataclasses.dataclass(frozen=True)
-class Objective:
-  """A registered objective bound to its hyperparameters: `objective(inputs, key=key)`."""
-
-  spec: ObjectiveSpec
-  hparams: Mapping[str, Any]
-  agg_mode: str
-
-  @property
-  def name(self) -> str:
-    return self.spec.name
-
-  def __call__(self, inputs: LossInputs, *, key: Optional[Array] = None):
-    for field in self.spec.needs:
-      if getattr(inputs, field) is None:
-        raise ValueError(f"Objective {self.spec.name!r} needs LossInputs.{field}, which is None.")
-    return self.spec.fn(inputs, key=key, **self.hparams)
-
-  def loss(self, inputs: LossInputs, *, key: Optional[Array] = None) -> tuple[Array, dict[str, Array]]:
-    """Scalar loss (aggregated with `agg_mode`) and metrics."""
-    per_token, metrics = self(inputs, key=key)
-    return aggregate(per_token, inputs.mask, self.agg_mode), metrics
+def _masked_max_min(x: Array, mask: Array) -> tuple[Array, Array]:
+  """(max, min) of x over entries where mask is set; (0, 0) when nothing is set."""
+  valid = mask > 0
+  any_valid = jnp.any(valid)
+  x_max = jnp.max(jnp.where(valid, x, -_F32_MAX))
+  x_min = jnp.min(jnp.where(valid, x, _F32_MAX))
+  return jnp.where(any_valid, x_max, 0.0), jnp.where(any_valid, x_min, 0.0)
 
 
-def _registry() -> dict[str, ObjectiveSpec]:
-  # Imported here so lad.py / baselines.py can import the helpers above without a cycle.
-  from lad_jax import baselines, lad  # pylint: disable=g-import-not-at-top
+def ratio_metrics(l: Array, mask: Array) -> dict[str, Array]:
+  """verl's ppo_kl (masked mean of -l) and the importance-ratio mean/max/min over valid tokens.
 
-  specs: dict[str, ObjectiveSpec] = {}
-  for module in (lad, baselines):
-    for spec in module.OBJECTIVES:
-      if spec.name in specs:
-        raise RuntimeError(f"Objective {spec.name!r} registered twice.")
-      specs[spec.name] = spec
-  return specs
+  Args:
+    l: [B, T] (clamped) log-ratio, e.g. from `log_ratio`; detached here.
+    mask: [B, T] validity mask.
 
-
-def names() -> list[str]:
-  """Names of all registered objectives, sorted."""
-  return sorted(_registry())
-
-
-def get(name: str, *, agg_mode: Optional[str] = None, **hparams) -> Objective:
-  """Looks up a registered objective and binds its keyword-only hyperparameters.
-
-  Raises:
-    ValueError: unknown name (listing the valid ones), unknown hyperparameter (listing the
-      accepted ones), or unknown aggregation mode.
+  Returns:
+    {"ppo_kl", "ratio_mean", "ratio_max", "ratio_min"}, fp32 scalars (0 for an empty mask).
   """
-  specs = _registry()
-  if name not in specs:
-    raise ValueError(f"Unknown objective {name!r}; valid objectives: {', '.join(sorted(specs))}.")
-  spec = specs[name]
-  params = inspect.signature(spec.fn).parameters
-  accepted = [p for p, v in params.items() if v.kind == inspect.Parameter.KEYWORD_ONLY and p != "key"]
-  unknown = sorted(set(hparams) - set(accepted))
-  if unknown:
-    raise ValueError(
-        f"Objective {name!r} got unknown hyperparameter(s) {unknown}; it accepts: {', '.join(accepted)}."
-    )
-  mode = spec.agg_mode if agg_mode is None else agg_mode
-  if mode not in AGG_MODES:
-    raise ValueError(f"Unknown aggregation mode {mode!r}; valid modes: {', '.join(AGG_MODES)}.")
-  return Objective(spec=spec, hparams=dict(hparams), agg_mode=mode)
+  l = jax.lax.stop_gradient(l)
+  r = jnp.exp(l)
+  r_max, r_min = _masked_max_min(r, mask)
+  return {
+      "ppo_kl": masked_mean(-l, mask),
+      "ratio_mean": masked_mean(r, mask),
+      "ratio_max": r_max,
+      "ratio_min": r_min,
+  }

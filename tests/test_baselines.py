@@ -19,9 +19,11 @@ import pytest
 
 from lad_jax import baselines
 from lad_jax import losses
+from lad_jax import objectives
 from lad_jax.losses import LossInputs
 
-SPECS = {spec.name: spec for spec in baselines.OBJECTIVES}
+BASELINES = ("alpha_dpg", "clip_cov", "dapo", "drgrpo", "entadv", "flowrl", "grpo", "kl_cov", "pg")
+SPECS = {name: objectives.SPECS[name] for name in BASELINES}
 KEY = jax.random.key(0)
 # One entry per distinct function / aggregation: dapo and drgrpo are grpo with other defaults or
 # aggregation, pg is alpha_dpg's REINFORCE with token-mean; the registry test covers them.
@@ -55,7 +57,8 @@ def _loss_fn(name, **hparams):
   spec = SPECS[name]
 
   def loss(logp, log_z, inputs, key, norm_length=None):
-    per_token, metrics = spec.fn(inputs.replace(logp=logp, log_z=log_z), key=key, **hparams)
+    per_token, metrics = spec.fn(inputs.replace(logp=logp, log_z=log_z), key=key,
+                                 **{**spec.defaults, **hparams})
     return losses.aggregate(per_token, inputs.mask, spec.agg_mode, norm_length=norm_length), (
         per_token, metrics)
 
@@ -126,7 +129,7 @@ def test_clip_higher_is_asymmetric():
   # A=-1, r=0.75: below 1 - 0.2 for both, loss 0.8; eps_high does not touch the lower side.
   inputs = _inputs(np.log([[1.25, 0.75]]), np.zeros((1, 2)), [[1.0, -1.0]])
   sym, m_sym = _run(baselines.grpo, inputs, eps_high=0.2)
-  dapo, m_dapo = _run(baselines.dapo, inputs)
+  dapo, m_dapo = _run(objectives.get("dapo"), inputs)
   np.testing.assert_allclose(sym, [[-1.2, 0.8]], rtol=1e-6)
   np.testing.assert_allclose(dapo, [[-1.25, 0.8]], rtol=1e-6)
   np.testing.assert_allclose([m_sym["pg_clipfrac"], m_dapo["pg_clipfrac"]], [1.0, 0.5])
@@ -137,7 +140,7 @@ def test_dual_clip_only_for_negative_advantages():
   # = -1.2 (DAPO: -1.28) whatever c is. c=None: no dual clip, 20.09.
   inputs = _inputs([[3.0, 3.0]], [[0.0, 0.0]], [[-1.0, 1.0]])
   np.testing.assert_allclose(_run(baselines.grpo, inputs)[0], [[3.0, -1.2]], rtol=1e-6)
-  np.testing.assert_allclose(_run(baselines.dapo, inputs)[0], [[10.0, -1.28]], rtol=1e-6)
+  np.testing.assert_allclose(_run(objectives.get("dapo"), inputs)[0], [[10.0, -1.28]], rtol=1e-6)
   np.testing.assert_allclose(_run(baselines.grpo, inputs, clip_ratio_c=None)[0],
                              [[math.exp(3.0), -1.2]], rtol=1e-6)
   # The capped token has zero gradient (the loss is the constant -A c).
@@ -432,23 +435,24 @@ def test_alpha_dpg_objective_is_plain_reinforce():
 # ------------------------------------------------------------------------------------------------
 
 
-def test_registry_entries():
-  names = losses.names()
+def test_registered_entries():
+  names = objectives.names()
   for name in SPECS:
     assert name in names
-  assert losses.get("dapo").agg_mode == "token-mean"
-  assert losses.get("drgrpo").agg_mode == "seq-mean-token-sum-norm"
+    assert SPECS[name].fn.__module__ == baselines.__name__
+  assert objectives.get("dapo").agg_mode == "token-mean"
+  assert objectives.get("drgrpo").agg_mode == "seq-mean-token-sum-norm"
   assert SPECS["drgrpo"].advantage_estimator == "drgrpo"
   assert SPECS["alpha_dpg"].advantage_estimator == "alpha_dpg"
   assert SPECS["flowrl"].agg_mode == "seq-mean-token-sum"
   with pytest.raises(ValueError, match="accepts: eps_low, eps_high"):
-    losses.get("grpo", clip_ratio=0.2)
+    objectives.get("grpo", clip_ratio=0.2)
   with pytest.raises(ValueError, match="needs LossInputs.entropy"):
-    losses.get("entadv")(_random_inputs(0).replace(entropy=None))
+    objectives.get("entadv")(_random_inputs(0).replace(entropy=None))
   # Bound hyperparameters reach the function: dapo's eps_high 0.28 vs grpo's 0.2 (hand case of
   # test_clip_higher_is_asymmetric: r = 1.25, A = +1 -> -1.25 vs -1.2).
   inputs = _inputs(np.log([[1.25]]), np.zeros((1, 1)), [[1.0]])
-  loss, _ = jax.jit(lambda x: losses.get("grpo", eps_high=0.28).loss(x))(inputs)
+  loss, _ = jax.jit(lambda x: objectives.get("grpo", eps_high=0.28).loss(x))(inputs)
   np.testing.assert_allclose(loss, -1.25, rtol=1e-6)
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from lad_jax import config_utils
-from lad_jax import losses
+from lad_jax import objectives
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -81,14 +81,25 @@ def test_qwen7b_is_the_paper_setting():
 
 def test_loss_hparams_cover_every_objective_signature():
   c = config_utils.base_config()
-  for name in losses.names():
-    fn = losses.get(name).spec.fn
+  for name in objectives.names():
+    fn = objectives.get(name).spec.fn
     params = {p for p, v in inspect.signature(fn).parameters.items()
               if v.kind == inspect.Parameter.KEYWORD_ONLY and p != "key"}
     assert set(c.loss.hparams[name].keys()) == params, name
 
 
-@pytest.mark.parametrize("name", [n for n in losses.names() if n != "lad_theoretical"])
+def test_loss_hparams_carry_the_entries_defaults():
+  # dapo is grpo with its registry entry's defaults (DAPO: clip-higher 0.28, dual clip 10).
+  c = config_utils.base_config()
+  assert c.loss.hparams.dapo.eps_high == 0.28 and c.loss.hparams.dapo.clip_ratio_c == 10.0
+  assert c.loss.hparams.grpo.eps_high == 0.2 and c.loss.hparams.grpo.clip_ratio_c == 3.0
+  assert c.loss.hparams.dapo.eps_low == c.loss.hparams.grpo.eps_low == 0.2
+  for name in objectives.names():
+    if name != "lad":  # base_config sets the paper's lad divergence and eta
+      assert dict(c.loss.hparams[name]) == objectives.SPECS[name].default_hparams(), name
+
+
+@pytest.mark.parametrize("name", [n for n in objectives.names() if n != "lad_theoretical"])
 def test_every_objective_can_be_selected(name):
   c = load_config("tiny")
   c.loss.name = name

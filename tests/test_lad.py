@@ -17,6 +17,7 @@ import pytest
 from lad_jax import divergences
 from lad_jax import lad
 from lad_jax import losses
+from lad_jax import objectives
 
 import divergence_reference
 
@@ -222,7 +223,7 @@ def test_check_grads_eq9_is_derivative_of_eq8(name):
 
 
 def test_clamps_match_verl():
-  # l is clamped to +-clip_log_ratio before exp and has zero gradient there (verl's
+  # l is clamped to +-log_ratio_clip before exp and has zero gradient there (verl's
   # compute_policy_loss_vanilla); u = A/eta is clamped to +-clip_adv.
   old_logp = jnp.zeros((1, 4))
   logp = jnp.asarray([[-30.0, -20.0, 25.0, 0.5]])
@@ -344,7 +345,7 @@ def _sliced_sums_and_grads(logp, old_logp, adv, lengths):
 def _padded_losses_and_grads(inputs):
   out = {}
   for mode in losses.AGG_MODES:
-    objective = losses.get("lad", divergence="js", eta=0.5, agg_mode=mode)
+    objective = objectives.get("lad", divergence="js", eta=0.5, agg_mode=mode)
     out[mode] = jax.value_and_grad(
         lambda lp, objective=objective: objective.loss(inputs.replace(logp=lp))[0])(inputs.logp)
   return out
@@ -375,7 +376,7 @@ def test_masked_equals_sliced():
 def test_metrics_match_numpy():
   inputs, _ = _ragged_inputs()
   eta = 0.5
-  _, metrics = losses.get("lad", divergence="kl", eta=eta)(inputs)
+  _, metrics = objectives.get("lad", divergence="kl", eta=eta)(inputs)
   m = np.asarray(inputs.mask) > 0
   l = np.asarray(inputs.logp - inputs.old_logp, np.float64)
   u = np.broadcast_to(np.asarray(inputs.advantages, np.float64)[:, None] / eta, l.shape)
@@ -386,17 +387,17 @@ def test_metrics_match_numpy():
   np.testing.assert_allclose(metrics["lad/value"], (np.exp(l) * (l - u))[m].mean(), rtol=1e-5)
 
 
-def test_registry_specs_and_hparam_errors():
-  assert {"lad", "lad_theoretical"} <= set(losses.names())
-  assert losses.get("lad").agg_mode == "token-mean"
-  assert losses.get("lad_theoretical").agg_mode == "seq-mean-token-sum"
-  with pytest.raises(ValueError, match="accepts: divergence, eta, clip_log_ratio, clip_adv"):
-    losses.get("lad", beta=1.0)
+def test_registered_specs_and_hparam_errors():
+  assert {"lad", "lad_theoretical"} <= set(objectives.names())
+  assert objectives.get("lad").agg_mode == "token-mean"
+  assert objectives.get("lad_theoretical").agg_mode == "seq-mean-token-sum"
+  with pytest.raises(ValueError, match="accepts: divergence, eta, log_ratio_clip, clip_adv"):
+    objectives.get("lad", beta=1.0)
   inputs, _ = _ragged_inputs()
   with pytest.raises(ValueError, match="Unknown divergence 'kll'"):
-    losses.get("lad", divergence="kll")(inputs)
+    objectives.get("lad", divergence="kll")(inputs)
   with pytest.raises(ValueError, match="eta > 0"):
-    losses.get("lad", eta=0.0)(inputs)
+    objectives.get("lad", eta=0.0)(inputs)
 
 
 def test_objectives_jit_vmap_and_do_not_retrace():
@@ -407,7 +408,7 @@ def test_objectives_jit_vmap_and_do_not_retrace():
       old_logp=jnp.asarray(rng.normal(size=(4, 12)), jnp.float32),
       advantages=jnp.asarray(rng.normal(size=(4, 12)), jnp.float32), mask=inputs.mask)
   for name, batch in (("lad", inputs), ("lad_theoretical", theo_inputs)):
-    objective = losses.get(name, divergence="hellinger", eta=0.5)
+    objective = objectives.get(name, divergence="hellinger", eta=0.5)
     chex.clear_trace_counter()
 
     @jax.jit
@@ -436,7 +437,7 @@ def test_sharded_equals_unsharded():
   inputs = losses.LossInputs(logp=jnp.asarray(logp, jnp.float32),
                              old_logp=jnp.asarray(old_logp, jnp.float32),
                              advantages=jnp.asarray(adv, jnp.float32), mask=jnp.asarray(mask))
-  objective = losses.get("lad", divergence="js", eta=0.25)
+  objective = objectives.get("lad", divergence="js", eta=0.25)
   fn = jax.jit(jax.value_and_grad(lambda lp, x: objective.loss(x.replace(logp=lp))[0]))
   row = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   sharded = jax.device_put(inputs, row)
@@ -489,12 +490,12 @@ def test_theoretical_value_gradient_and_masking(name):
   assert value[2] == 0.0 and np.all(grad[2] == 0.0)
 
 
-def test_theoretical_registry_is_mean_over_rows_and_rejects_sequence_advantages():
+def test_theoretical_registered_loss_is_mean_over_rows_and_rejects_sequence_advantages():
   rng = np.random.default_rng(9)
   f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
   mask = jnp.asarray(rng.uniform(size=(5, 9)) < 0.8, jnp.float32)
   inputs = losses.LossInputs(logp=f32(5, 9), old_logp=f32(5, 9), advantages=f32(5, 9), mask=mask)
-  objective = losses.get("lad_theoretical", divergence="js", eta=2.0)
+  objective = objectives.get("lad_theoretical", divergence="js", eta=2.0)
   loss, metrics = objective.loss(inputs)
   rows = lad.theoretical(inputs.logp, inputs.old_logp, inputs.advantages, divergence="js", eta=2.0,
                          mask_K=mask)

@@ -1,10 +1,10 @@
-"""Tests of the shared helpers in lad_jax.losses: aggregation, KL estimators, the registry."""
+"""Tests of the shared helpers in lad_jax.losses: aggregation, the log-ratio clamp, ratio metrics,
+KL estimators. (The registry is tested in test_objectives.py.)"""
 
 from __future__ import annotations
 
 import math
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,37 +159,36 @@ def test_kl_penalty_estimators_match_hand_values():
     losses.kl_penalty(logp, ref, estimator="k4")
 
 
-def test_registry_errors_name_the_valid_choices():
-  names = losses.names()
-  assert names == sorted(names) and {"lad", "lad_theoretical"} <= set(names)
-  with pytest.raises(ValueError, match="Unknown objective 'ladd'; valid objectives: .*lad, "):
-    losses.get("ladd")
-  with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['etaa'\]; it accepts: "
-                     "divergence, eta, clip_log_ratio, clip_adv"):
-    losses.get("lad", etaa=1.0)
-  with pytest.raises(ValueError, match="Unknown aggregation mode 'token-sum'; valid modes: "
-                     "token-mean, seq-mean-token-mean"):
-    losses.get("lad", agg_mode="token-sum")
-  with pytest.raises(ValueError, match="Unknown aggregation mode 'mean'"):
-    losses.aggregate(PER_TOKEN, MASK, "mean")
+def test_log_ratio_clamps_before_exp_and_stops_old_gradient():
+  # l = logp - old_logp clamped to +-LOG_RATIO_CLIP (20, verl): -1 - (-1.5) = 0.5, 0 - (-30) = 30
+  # -> 20, -30 - 0 = -30 -> -20; clamped entries have zero gradient, old_logp none at all.
+  assert losses.LOG_RATIO_CLIP == 20.0
+  logp = jnp.asarray([[-1.0, 0.0, -30.0]])
+  old = jnp.asarray([[-1.5, -30.0, 0.0]])
+  np.testing.assert_allclose(losses.log_ratio(logp, old), [[0.5, 20.0, -20.0]], rtol=1e-7)
+  np.testing.assert_allclose(losses.log_ratio(logp, old, clip=0.25), [[0.25, 0.25, -0.25]])
+  grad = jax.grad(lambda lp: losses.log_ratio(lp, old).sum())(logp)
+  np.testing.assert_array_equal(grad, [[1.0, 0.0, 0.0]])
+  grad_old = jax.grad(lambda o: losses.log_ratio(logp, o).sum())(old)
+  np.testing.assert_array_equal(grad_old, 0.0)
+  # bf16 is computed in fp32; a float64 input keeps float64 (LAD's float64 reference tests).
+  assert losses.log_ratio(logp.astype(jnp.bfloat16), old).dtype == jnp.float32
+  with jax.enable_x64(True):
+    assert losses.log_ratio(jnp.zeros((1, 2), jnp.float64), jnp.zeros((1, 2))).dtype == jnp.float64
+  with pytest.raises(AssertionError):
+    losses.log_ratio(jnp.zeros((1, 2)), jnp.zeros((1, 3)))
 
 
-def test_objective_binds_hparams_checks_needs_and_aggregates():
-  seen = {}
-
-  def fake(inputs, *, key=None, scale=1.0):
-    seen["key"] = key
-    return inputs.logp * scale, {"scale": jnp.float32(scale)}
-
-  spec = losses.ObjectiveSpec("fake", fake, agg_mode="seq-mean-token-sum", needs=("entropy",))
-  objective = losses.Objective(spec=spec, hparams={"scale": 2.0}, agg_mode=spec.agg_mode)
-  inputs = losses.LossInputs(logp=PER_TOKEN, old_logp=PER_TOKEN, advantages=jnp.zeros(2),
-                             mask=MASK)
-  with pytest.raises(ValueError, match="needs LossInputs.entropy"):
-    objective(inputs)
-  inputs = inputs.replace(entropy=jnp.zeros_like(PER_TOKEN))
-  key = jax.random.key(0)
-  loss, metrics = objective.loss(inputs, key=key)
-  assert seen["key"] is key
-  np.testing.assert_allclose(loss, 2 * HAND["seq-mean-token-sum"], rtol=1e-7)
-  chex.assert_trees_all_close(metrics, {"scale": jnp.float32(2.0)})
+def test_ratio_metrics_over_valid_tokens_only():
+  # Valid l: 0, log 2, -log 4 (row 0), log 3 (row 1); padding holds huge values that must not count.
+  l = jnp.log(jnp.asarray([[1.0, 2.0, 0.25, 1e30], [3.0, 1e-30, 1e30, 1e30]]))
+  got = losses.ratio_metrics(l, MASK)
+  np.testing.assert_allclose(got["ratio_mean"], (1 + 2 + 0.25 + 3) / 4, rtol=1e-6)
+  np.testing.assert_allclose(got["ratio_max"], 3.0, rtol=1e-6)
+  np.testing.assert_allclose(got["ratio_min"], 0.25, rtol=1e-6)
+  np.testing.assert_allclose(got["ppo_kl"], -(math.log(2) - math.log(4) + math.log(3)) / 4,
+                             rtol=1e-6)
+  empty = losses.ratio_metrics(l, jnp.zeros_like(MASK))
+  assert all(float(v) == 0.0 for v in empty.values())
+  grad = jax.grad(lambda x: sum(losses.ratio_metrics(x, MASK).values()))(jnp.zeros((2, 4)))
+  np.testing.assert_array_equal(grad, 0.0)  # metrics are detached
