@@ -110,14 +110,16 @@ def _ours(cfg, params, batch, objective_name: str, **hparams):
   tx = train.make_optimizer(lr=1e-6, weight_decay=0.01, grad_clip=1.0)
   state, shardings = train.create_train_state(model, tx, jax.random.key(0), mesh=mesh,
                                               params=params)
-  step = train.make_train_step(model, objectives.get(objective_name, **hparams), tx, mesh=mesh,
-                               state_shardings=shardings)
+  spec = train.StepSpec(model_cfg=cfg, objective=objectives.get(objective_name, **hparams),
+                        tx=tx)
+  step = train.jit_train_step(spec, mesh=mesh, state_shardings=shardings)
   holder = [state]
 
   prompt = int(np.argmax(batch["loss_mask"].any(0)))
+  train_batch = train.TrainBatch(prompt_length=prompt, **batch)
 
   def run():
-    holder[0], metrics = step(holder[0], batch, prompt_length=prompt)
+    holder[0], metrics = step(holder[0], train_batch)
     jax.block_until_ready(metrics)
 
   return run

@@ -6,20 +6,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import qwen7b  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from lad_jax import config_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lad_jax import config_presets
+from lad_jax import config_utils
 
 
 def get_config(arg=None):
   c = config_utils.base_config()
   c.name = "nemotron1p5b_math_lad"
-  c = qwen7b.math_protocol(c)
+  c = config_presets.math_protocol(c)
   c.model.path = "~/models/OpenMath-Nemotron-1.5B"
   c.sampling.max_new_tokens = 4096  # "For the two 1.5B models, we change the max lengths to 4096"
   c.train.micro_batches = 8

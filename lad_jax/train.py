@@ -429,7 +429,7 @@ def check_batch(batch: TrainBatch, spec: StepSpec, *, has_logz_head: bool,
   if isinstance(p, bool) or not isinstance(p, (int, np.integer)) or not 0 <= p < shape[1]:
     raise ValueError(f"TrainBatch.prompt_length must be an int in [0, {shape[1]}), got {p!r}.")
   objective = spec.objective
-  if "ref_logp" in objective.spec.needs and batch.ref_logp is None:
+  if "ref_logp" in objective.needs and batch.ref_logp is None:
     raise ValueError(f"Objective {objective.name!r} needs TrainBatch.ref_logp (log pi_ref).")
   if objective.needs_log_z and (batch.prompt_mask is None or not has_logz_head):
     raise ValueError(f"Objective {objective.name!r} needs log Z: a TrainBatch.prompt_mask and a "
