@@ -30,7 +30,8 @@ def json_error(path: str, e: json.JSONDecodeError, *, line: Optional[int] = None
   """A DataFormatError for JSON that does not parse: `path:line: invalid JSON (msg, column c)`."""
   where = f"{path}:{line if line is not None else e.lineno}"
   fix = f"; {fix}" if fix else ""
-  return DataFormatError(f"{where}: invalid JSON ({e.msg} at column {e.colno}){fix}.")
+  msg = e.msg[:-3] if e.msg.endswith(" at") else e.msg  # "Invalid control character at"
+  return DataFormatError(f"{where}: invalid JSON ({msg} at column {e.colno}){fix}.")
 
 
 def read_json(path: str, *, fix: str = "") -> Any:
