@@ -10,9 +10,10 @@ Every registered objective is one `--config.loss.name=` away (`lad_jax.objective
 hyperparameters are `--config.loss.hparams.<name>.<param>=`. A misspelt key, an unknown objective
 or a missing model / data file stops the run before anything is compiled, with a message naming
 the problem, and a non-zero exit status. A run restarted with the same workdir resumes from its
-latest checkpoint. Multi-host: pass --config.distributed=True on every host (calls
-jax.distributed.initialize(), which reads the cluster from SLURM / TPU metadata or the
-JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables).
+latest checkpoint. Such an error is one line on stderr (`math_rl: error: ...`, exit status 2);
+--verbose or LAD_VERBOSE=1 shows its traceback. Multi-host: pass --config.distributed=True on
+every host (calls jax.distributed.initialize(), which reads the cluster from SLURM / TPU metadata
+or the JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID environment variables).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
   sys.path.insert(0, _ROOT)
 
-from lad_jax import config_utils  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lad_jax import cli  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lad_jax import report  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lad_jax import rl  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lad_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -54,15 +55,12 @@ def main(argv):
     xla_cpu.retain_freed_memory()
   config = _CONFIG.value
   t0 = time.perf_counter()
-  try:
-    rl.train_and_evaluate(config)
-  except config_utils.ConfigError as e:
-    # A config problem: the message says what to fix, a traceback would only bury it.
-    print(f"math_rl: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  rl.train_and_evaluate(config)
   if jax.process_index() == 0:
     print(report.summary(config, wall_s=time.perf_counter() - t0))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  # A config / flag / data-file problem is one line on stderr and exit status 2 (--verbose or
+  # LAD_VERBOSE=1: the traceback).
+  cli.run_main(main, prog="math_rl")

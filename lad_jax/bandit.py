@@ -75,9 +75,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lad_jax import config_utils
 from lad_jax import divergences
 from lad_jax import losses
 from lad_jax import objectives
+from lad_jax.errors import ConfigError
 
 Array = jax.Array
 
@@ -803,6 +805,52 @@ def results_markdown(records: Sequence[Mapping[str, Any]]) -> str:
       lines.append(f"| {r['method']} | {r['weighting']} | " + " | ".join(cells) + " |")
     lines.append("")
   return "\n".join(lines)
+
+
+# The valid values of experiments/bandit.py's flags (checked by `validate`).
+FLAG_RANGES = {
+    "steps": config_utils.COUNT, "seeds": config_utils.COUNT,
+    "batch_size": config_utils.COUNT, "log_every": config_utils.COUNT,
+    "refreshes": config_utils.NONNEG_INT, "lr": config_utils.POSITIVE,
+    "temperature": config_utils.POSITIVE, "exact_temperature": config_utils.POSITIVE,
+    "eta": config_utils.Range(0, lo_open=True, why="LAD's temperature: A/eta"),
+}
+
+
+def validate(*, eta: Sequence[Any], methods: Sequence[str] = DEFAULT_METHODS,
+             **settings: Any) -> list[float]:
+  """Checks the bandit's settings by flag name before anything runs; returns the etas as floats.
+
+  A NaN or non-positive eta would otherwise run to the end and report `nan ± nan`. `settings` are
+  the numeric flags of FLAG_RANGES (steps, seeds, lr, ...) by name.
+
+  Raises:
+    ConfigError: one line naming the flag, the bad value and the valid range.
+  """
+  etas = []
+  for value in eta:
+    try:
+      etas.append(float(value))
+    except (TypeError, ValueError):
+      raise ConfigError(f"--eta={value!r} is not a number; pass e.g. --eta=0.5,1,2.") from None
+  if not etas:
+    raise ConfigError("--eta is empty; pass one or more values, e.g. --eta=0.5,1,2.")
+  for value in etas:
+    FLAG_RANGES["eta"].check("--eta", value)
+  for name, value in settings.items():
+    FLAG_RANGES[name].check(f"--{name}", value)
+  steps, log_every = settings.get("steps", 1), settings.get("log_every", 1)
+  if steps % log_every:
+    raise ConfigError(f"--steps={steps} is not a multiple of --log_every={log_every}; change one.")
+  if settings.get("refreshes", 0) >= steps:
+    raise ConfigError(f"--refreshes={settings['refreshes']} must be below --steps={steps} "
+                      "(steps - 1: refresh pi_old every step).")
+  for name in methods:
+    try:
+      method(name)
+    except ValueError as e:
+      raise ConfigError(f"--methods: {e}") from None
+  return etas
 
 
 def main(config: BanditConfig = BanditConfig(), *, methods: Sequence[str] = DEFAULT_METHODS,

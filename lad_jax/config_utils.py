@@ -2,7 +2,8 @@
 
 Every config file under configs/ starts from `base_config()` and overrides what its paper setting
 needs, so all configs share one schema; `validate(config)` rejects keys the schema does not know
-(a typo such as `optim.lrr` would otherwise be silently ignored), bad values and inconsistent
+(a typo such as `optim.lrr` would otherwise be silently ignored), bad values (every number is
+checked for type, finiteness and range: `CONFIG_RANGES`, `HPARAM_RANGES`) and inconsistent
 batch sizes before anything is compiled, and `check_files(config)` names every missing model or
 data file and where it goes.
 
@@ -14,11 +15,15 @@ data file and where it goes.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from typing import Any, Callable, Iterable, Optional
 
 from ml_collections import config_dict
+
+from lad_jax import errors
+from lad_jax.errors import ConfigError  # pylint: disable=unused-import  (re-exported)
 
 ConfigDict = config_dict.ConfigDict
 
@@ -32,10 +37,6 @@ FREE_FORM = ("data.difficulty", "model.random")
 # Registered objectives that cannot train on sampled responses.
 NOT_FOR_ROLLOUTS = {"lad_theoretical": "it needs the advantage of every action (the bandit); use "
                                        "'lad' for sampled responses"}
-
-
-class ConfigError(ValueError):
-  """A config that cannot run: unknown key, bad value, or a missing model / data file."""
 
 
 def _keyword_defaults(fn: Callable[..., Any], skip: tuple[str, ...] = ("key",)) -> ConfigDict:
@@ -280,6 +281,179 @@ def _check_positive(config: ConfigDict, *names: str) -> None:
       raise ConfigError(f"config.{name} must be > 0, got {value!r}.")
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The valid values of one numeric setting, and how to say them in an error message.
+
+  lo / hi bound the value (None: unbounded), open or closed; `integer` wants an int (never a bool:
+  True is not a step count); `none` non-empty allows None and says what it means; `extra` lists
+  other allowed values (a mesh axis of -1); `why` is appended to the message.
+  """
+  lo: Optional[float] = None
+  hi: Optional[float] = None
+  lo_open: bool = False
+  hi_open: bool = False
+  integer: bool = False
+  none: str = ""
+  extra: tuple[int, ...] = ()
+  why: str = ""
+
+  def contains(self, value: Any) -> bool:
+    """Whether `value` is valid (NaN and inf never are)."""
+    if value is None:
+      return bool(self.none)
+    if self.integer:
+      if not isinstance(value, int) or isinstance(value, bool):
+        return False
+    elif not errors.is_finite_number(value):
+      return False
+    if value in self.extra:
+      return True
+    if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+      return False
+    return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+  def describe(self) -> str:
+    """E.g. 'a finite number in [0, 1)', 'None (no clipping) or a finite number >= 0'."""
+    text = "an integer" if self.integer else "a finite number"
+    if self.lo is not None and self.hi is not None:
+      text += (f" in {'(' if self.lo_open else '['}{self.lo:g}, "
+               f"{self.hi:g}{')' if self.hi_open else ']'}")
+    elif self.lo is not None:
+      text += f" {'>' if self.lo_open else '>='} {self.lo:g}"
+    elif self.hi is not None:
+      text += f" {'<' if self.hi_open else '<='} {self.hi:g}"
+    if self.extra:
+      text += " or " + " or ".join(str(v) for v in self.extra)
+    return f"None ({self.none}) or {text}" if self.none else text
+
+  def check(self, label: str, value: Any) -> None:
+    """Raises a one-line ConfigError `<label>=<value> is not valid: must be <range>`."""
+    if not self.contains(value):
+      why = f" ({self.why})" if self.why else ""
+      raise ConfigError(f"{label}={value!r} is not valid: must be {self.describe()}{why}.")
+
+
+COUNT = Range(1, integer=True)  # 1, 2, ...
+NONNEG_INT = Range(0, integer=True)
+POSITIVE = Range(0, lo_open=True)
+NONNEG = Range(0)
+FINITE = Range()
+PROBABILITY = Range(0, 1, lo_open=True)  # top_p, a fraction of tokens
+MOMENTUM = Range(0, 1, hi_open=True)  # Adam b1 / b2
+MESH_AXIS = Range(1, integer=True, extra=(-1,), why="-1: the devices the other axes leave")
+
+# Every numeric key of `base_config` and its valid values (checked by `validate`).
+CONFIG_RANGES: dict[str, Range] = {
+    "seed": NONNEG_INT,
+    "data.procedural_size": COUNT, "data.procedural_eval_size": COUNT,
+    "data.max_prompt_tokens": COUNT,
+    "verifier.workers": COUNT, "verifier.timeout_s": POSITIVE,
+    "sampling.group_size": Range(2, integer=True, why=(
+        "every advantage estimator compares the G samples of a prompt; with G=1 there is no "
+        "baseline to compare against")),
+    "sampling.max_new_tokens": COUNT, "sampling.temperature": POSITIVE,
+    "sampling.top_p": PROBABILITY, "sampling.top_k": NONNEG_INT,
+    "sampling.rows_per_call": Range(1, integer=True, none="all rows at once"),
+    "dynamic_sampling.max_gen_batches": COUNT,
+    "train.num_steps": NONNEG_INT, "train.prompts_per_step": COUNT, "train.mini_batches": COUNT,
+    "train.epochs": COUNT, "train.micro_batches": COUNT,
+    "train.chunk_size": Range(1, integer=True, none="no chunking"),
+    "optim.lr": NONNEG, "optim.warmup_steps": NONNEG_INT, "optim.weight_decay": NONNEG,
+    "optim.grad_clip": Range(0, none="no clipping", why="0 also turns clipping off"),
+    "optim.b1": MOMENTUM, "optim.b2": MOMENTUM, "optim.eps": POSITIVE,
+    "mesh.data": MESH_AXIS, "mesh.fsdp": MESH_AXIS, "mesh.tensor": MESH_AXIS,
+    "eval.every": NONNEG_INT, "eval.num_prompts": COUNT, "eval.samples": COUNT,
+    "eval.temperature": POSITIVE, "eval.top_p": PROBABILITY,
+    "eval.max_new_tokens": Range(1, integer=True, none="sampling.max_new_tokens"),
+    "checkpoint.every": NONNEG_INT, "checkpoint.max_to_keep": COUNT,
+    "log.samples": NONNEG_INT,
+}
+
+# Objective and advantage-estimator hyperparameters by name ("owner.name" wins over "name"); see
+# the signatures in lad_jax/lad.py, lad_jax/baselines.py and lad_jax/advantages.py. A numeric
+# hyperparameter not listed here must still be finite.
+_LOG_CLAMP = Range(0, lo_open=True, why="a clamp applied before exp")
+HPARAM_RANGES: dict[str, Range] = {
+    "eta": Range(0, lo_open=True, why="LAD's temperature: A/eta"),
+    "clip_log_ratio": _LOG_CLAMP, "log_ratio_clip": _LOG_CLAMP, "clip_adv": _LOG_CLAMP,
+    "clip_log_prob": _LOG_CLAMP, "log_weight_clip": _LOG_CLAMP,
+    "eps_low": Range(0, 1, why="the ratio is clipped below at 1 - eps_low"),
+    "eps_high": Range(0, why="the ratio is clipped above at 1 + eps_high"),
+    "clip_ratio_c": Range(1, lo_open=True, none="no dual clip", why="dual-clip constant"),
+    "kl_coef": NONNEG,
+    "alpha": Range(0, why="EntAdv entropy-bonus weight"),
+    "kappa": Range(1, why="EntAdv: the bonus is at most |A|/kappa, so it cannot flip A's sign"),
+    "beta": POSITIVE,
+    "max_weight": Range(0, lo_open=True, none="no cap"),
+    "k_ratio": Range(0, 1, lo_open=True, why="a fraction of the valid tokens"),
+    "clip_cov_ratio": Range(0, 1, lo_open=True, why="a fraction of the valid tokens"),
+    "clip_cov_lb": FINITE, "clip_cov_ub": FINITE,
+    "eps": POSITIVE,
+    "alpha_dpg.alpha": Range(0, 1, why="0: forward KL, 1: reverse KL limit"),
+    "z_default": POSITIVE,
+    "pseudo_reward_clip": Range(0, lo_open=True, none="no clip"),
+}
+
+
+def _value(config: ConfigDict, name: str) -> Any:
+  for part in name.split("."):
+    config = config[part]
+  return config
+
+
+def _check_hparams(prefix: str, owner: str, hparams: Any) -> None:
+  """Checks one objective's / estimator's hyperparameters by name (HPARAM_RANGES)."""
+  for key in hparams.keys():
+    value = hparams[key]
+    spec = HPARAM_RANGES.get(f"{owner}.{key}", HPARAM_RANGES.get(key))
+    if spec is None and (isinstance(value, str) or value is None):
+      continue  # a name (divergence, kl_estimator), checked where it is looked up
+    (spec or FINITE).check(f"config.{prefix}.{owner}.{key}", value)
+  if isinstance(hparams.get("kl_estimator"), str):
+    from lad_jax import losses  # pylint: disable=g-import-not-at-top
+    _check_choice(f"{prefix}.{owner}.kl_estimator", hparams["kl_estimator"],
+                  losses.KL_ESTIMATORS)
+  if "clip_cov_lb" in hparams and "clip_cov_ub" in hparams and not (
+      hparams["clip_cov_lb"] < hparams["clip_cov_ub"]):
+    raise ConfigError(f"config.{prefix}.{owner}: clip_cov_lb={hparams['clip_cov_lb']!r} must be "
+                      f"below clip_cov_ub={hparams['clip_cov_ub']!r} (the covariance window).")
+
+
+def _check_buckets(config: ConfigDict) -> None:
+  """Every prompt of up to data.max_prompt_tokens tokens must fit a prompt bucket."""
+  buckets = tuple(config.sampling.prompt_buckets)
+  if not buckets or not all(COUNT.contains(b) for b in buckets):
+    raise ConfigError(f"config.sampling.prompt_buckets={buckets!r} is not valid: must be a "
+                      "non-empty tuple of integers >= 1.")
+  longest = config.data.max_prompt_tokens
+  if max(buckets) < longest:
+    raise ConfigError(
+        f"config.sampling.prompt_buckets={buckets!r} is not valid: the largest bucket "
+        f"{max(buckets)} is below data.max_prompt_tokens={longest}, so a long prompt would fit no "
+        f"bucket; add a bucket >= {longest} or lower data.max_prompt_tokens.")
+
+
+def check_numbers(config: ConfigDict) -> None:
+  """Checks every numeric setting for type, finiteness and range (NaN > 0 is False, so a plain
+  `value <= 0` test lets NaN through); one-line ConfigError naming key, value and valid range."""
+  for name, spec in CONFIG_RANGES.items():
+    spec.check(f"config.{name}", _value(config, name))
+  free = [a for a in ("data", "fsdp", "tensor") if config.mesh[a] == -1]
+  if len(free) > 1:
+    raise ConfigError(f"config.mesh: at most one axis may be -1 (the rest of the devices), got "
+                      f"{', '.join(f'mesh.{a}=-1' for a in free)}.")
+  _check_buckets(config)
+  bad_k = [k for k in config.eval.pass_k if not COUNT.contains(k)]
+  if bad_k:
+    raise ConfigError(f"config.eval.pass_k={tuple(config.eval.pass_k)!r} is not valid: every k "
+                      f"must be an integer >= 1, got {bad_k}.")
+  if config.loss.name in config.loss.hparams:
+    _check_hparams("loss.hparams", config.loss.name, config.loss.hparams[config.loss.name])
+  for name in config.advantage.hparams.keys():
+    _check_hparams("advantage.hparams", name, config.advantage.hparams[name])
+
+
 def eval_sets(config: ConfigDict) -> list[str]:
   """The held-out set names of `config.data.eval`."""
   return [s.strip() for s in str(config.data.eval or "").split(",") if s.strip()]
@@ -317,6 +491,7 @@ def validate(config: ConfigDict) -> None:
     siblings = sorted(k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
     raise ConfigError(f"Unknown config key(s) {unknown}; valid keys"
                       f"{' under ' + parent if parent else ''}: {siblings}.")
+  check_numbers(config)
   _check_choice("model.source", config.model.source, MODEL_SOURCES)
   _check_choice("tokenizer.kind", config.tokenizer.kind, TOKENIZERS)
   _check_choice("data.task", config.data.task, TASKS)
@@ -337,7 +512,7 @@ def validate(config: ConfigDict) -> None:
                       "config.eval.before_train=True and config.data.eval.")
   _check_positive(config, "train.prompts_per_step", "train.mini_batches",
                   "train.epochs", "train.micro_batches", "sampling.group_size",
-                  "sampling.max_new_tokens", "sampling.temperature", "optim.lr",
+                  "sampling.max_new_tokens", "sampling.temperature",
                   "eval.num_prompts", "eval.samples", "eval.temperature",
                   "dynamic_sampling.max_gen_batches", "data.max_prompt_tokens",
                   "verifier.workers", "verifier.timeout_s")

@@ -28,6 +28,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lad_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -71,25 +73,29 @@ def make_mesh(*, data: int = 1, fsdp: int = -1, tensor: int = 1,
   Axes are `AxisType.Auto`, i.e. GSPMD propagates shardings between the annotated points.
 
   Raises:
-    ValueError: sizes that do not multiply to the number of devices.
+    ConfigError (a ValueError): sizes that are not positive ints (or one -1) or that do not
+      multiply to the number of devices; one line naming the sizes and the device count.
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  n = len(devices)
+  if any(not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1
+         for v in sizes.values()):
+    raise ConfigError(f"Mesh axis sizes must be positive ints (or -1 for 'the rest'), got {sizes} "
+                      "(config.mesh).")
   free = [k for k, v in sizes.items() if v == -1]
   if len(free) > 1:
-    raise ValueError(f"At most one mesh axis may be -1, got {sizes}.")
+    raise ConfigError(f"At most one mesh axis may be -1, got {sizes} (config.mesh).")
   known = math.prod(v for v in sizes.values() if v != -1)
-  if any(v == 0 or v < -1 for v in sizes.values()):
-    raise ValueError(f"Mesh axis sizes must be positive (or -1 for 'the rest'), got {sizes}.")
   if free:
-    if len(devices) % known:
-      raise ValueError(
-          f"{len(devices)} devices cannot be split into {sizes}: {known} does not divide it.")
-    sizes[free[0]] = len(devices) // known
-  if math.prod(sizes.values()) != len(devices):
-    raise ValueError(
-        f"Mesh {sizes} needs {math.prod(sizes.values())} devices but {len(devices)} are "
-        "available; make data * fsdp * tensor equal the device count (or pass devices=).")
+    if n % known:
+      raise ConfigError(f"{n} device(s) cannot be split into {sizes}: {known} does not divide "
+                        f"{n}; set config.mesh so that data * fsdp * tensor divides {n}.")
+    sizes[free[0]] = n // known
+  if math.prod(sizes.values()) != n:
+    raise ConfigError(
+        f"Mesh {sizes} needs {math.prod(sizes.values())} devices but {n} are available; make "
+        "data * fsdp * tensor (config.mesh) equal the device count (or pass devices=).")
   shape = tuple(sizes[a] for a in MESH_AXES)
   return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                        devices=devices)

@@ -164,3 +164,104 @@ def test_cli_errors_exit_nonzero(args, expected):
   result = _run_cli(*args)
   assert result.returncode != 0
   assert expected in result.stderr, result.stderr[-2000:]
+
+
+def _set(c, key, value):
+  *parents, last = key.split(".")
+  for part in parents:
+    c = c[part]
+  c[last] = value
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("optim.lr", NAN, r"config\.optim\.lr=nan .*finite number >= 0"),
+    ("optim.lr", INF, r"config\.optim\.lr=inf .*finite"),
+    ("optim.lr", -1e-3, r"config\.optim\.lr=-0\.001 .*>= 0"),
+    ("optim.b1", -0.1, r"config\.optim\.b1=-0\.1 .*\[0, 1\)"),
+    ("optim.b2", 1.5, r"config\.optim\.b2=1\.5 .*\[0, 1\)"),
+    ("optim.b2", 1.0, r"config\.optim\.b2=1\.0 .*\[0, 1\)"),
+    ("optim.eps", 0.0, r"config\.optim\.eps=0\.0 .*> 0"),
+    ("optim.grad_clip", -1.0, r"config\.optim\.grad_clip=-1\.0 .*None \(no clipping\)"),
+    ("optim.grad_clip", NAN, r"config\.optim\.grad_clip=nan"),
+    ("optim.weight_decay", -0.1, r"config\.optim\.weight_decay=-0\.1 .*>= 0"),
+    ("optim.warmup_steps", -3, r"config\.optim\.warmup_steps=-3 .*integer >= 0"),
+    ("sampling.temperature", NAN, r"config\.sampling\.temperature=nan .*> 0"),
+    ("sampling.temperature", 0.0, r"config\.sampling\.temperature=0\.0 .*> 0"),
+    ("sampling.top_p", NAN, r"config\.sampling\.top_p=nan .*\(0, 1\]"),
+    ("sampling.group_size", 1, r"config\.sampling\.group_size=1 .*>= 2.*baseline"),
+    ("sampling.max_new_tokens", 0, r"config\.sampling\.max_new_tokens=0 .*>= 1"),
+    ("sampling.prompt_buckets", (64,), r"prompt_buckets=\(64,\).*max_prompt_tokens=256"),
+    ("sampling.prompt_buckets", (0, 256), r"prompt_buckets=\(0, 256\).*integers >= 1"),
+    ("eval.temperature", NAN, r"config\.eval\.temperature=nan .*> 0"),
+    ("eval.top_p", 0.0, r"config\.eval\.top_p=0\.0 .*\(0, 1\]"),
+    ("eval.top_p", 1.5, r"config\.eval\.top_p=1\.5 .*\(0, 1\]"),
+    ("eval.pass_k", (1, True), r"config\.eval\.pass_k=.*integer >= 1"),
+    ("verifier.timeout_s", 0.0, r"config\.verifier\.timeout_s=0\.0 .*> 0"),
+    ("verifier.timeout_s", NAN, r"config\.verifier\.timeout_s=nan"),
+    ("checkpoint.max_to_keep", 0, r"config\.checkpoint\.max_to_keep=0 .*integer >= 1"),
+    ("checkpoint.every", -1, r"config\.checkpoint\.every=-1 .*>= 0"),
+    ("mesh.data", 0, r"config\.mesh\.data=0 .*>= 1 or -1"),
+    ("mesh.tensor", -2, r"config\.mesh\.tensor=-2"),
+    ("train.num_steps", True, r"config\.train\.num_steps=True .*integer"),
+    ("loss.hparams.lad.eta", NAN, r"config\.loss\.hparams\.lad\.eta=nan .*> 0"),
+    ("loss.hparams.lad.eta", 0.0, r"config\.loss\.hparams\.lad\.eta=0\.0 .*> 0"),
+    ("loss.hparams.lad.eta", -1.0, r"lad\.eta=-1\.0"),
+    ("loss.hparams.lad.clip_adv", 0.0, r"lad\.clip_adv=0\.0 .*> 0"),
+    ("advantage.hparams.grpo.eps", NAN, r"config\.advantage\.hparams\.grpo\.eps=nan"),
+    ("advantage.hparams.alpha_dpg.alpha", 1.5, r"alpha_dpg\.alpha=1\.5 .*\[0, 1\]"),
+])
+def test_bad_numbers_are_rejected_in_one_line(key, value, match):
+  c = load_config("tiny")
+  with c.ignore_type():
+    _set(c, key, value)
+  with pytest.raises(config_utils.ConfigError, match=match) as e:
+    config_utils.validate(c)
+  assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("objective, key, value, match", [
+    ("grpo", "eps_low", -5.0, r"grpo\.eps_low=-5\.0 .*\[0, 1\]"),
+    ("grpo", "eps_high", NAN, r"grpo\.eps_high=nan"),
+    ("grpo", "kl_coef", -1.0, r"grpo\.kl_coef=-1\.0 .*>= 0"),
+    ("grpo", "clip_ratio_c", 1.0, r"grpo\.clip_ratio_c=1\.0 .*None \(no dual clip\).*> 1"),
+    ("grpo", "log_ratio_clip", 0.0, r"grpo\.log_ratio_clip=0\.0 .*> 0"),
+    ("dapo", "eps_high", -0.1, r"dapo\.eps_high=-0\.1"),
+    ("entadv", "kappa", 0.5, r"entadv\.kappa=0\.5 .*>= 1"),
+    ("entadv", "alpha", -0.4, r"entadv\.alpha=-0\.4 .*>= 0"),
+    ("flowrl", "beta", 0.0, r"flowrl\.beta=0\.0 .*> 0"),
+    ("flowrl", "max_weight", -1.0, r"flowrl\.max_weight=-1\.0 .*None \(no cap\)"),
+    ("kl_cov", "k_ratio", 0.0, r"kl_cov\.k_ratio=0\.0 .*\(0, 1\]"),
+    ("clip_cov", "clip_cov_ratio", 2.0, r"clip_cov\.clip_cov_ratio=2\.0"),
+    ("clip_cov", "clip_cov_lb", 9.0, r"clip_cov_lb=9\.0 must be below clip_cov_ub=5\.0"),
+    ("grpo", "kl_estimator", "k4", r"grpo\.kl_estimator='k4' is not valid.*'k3'"),
+])
+def test_bad_objective_hparams_are_rejected(objective, key, value, match):
+  c = load_config("tiny")
+  c.loss.name = objective
+  c.loss.hparams[objective][key] = value
+  with pytest.raises(config_utils.ConfigError, match=match):
+    config_utils.validate(c)
+
+
+def test_off_values_and_edges_are_accepted():
+  c = load_config("tiny")
+  c.optim.grad_clip = None  # no clipping
+  c.optim.lr = 0.0
+  c.optim.b1 = 0.0
+  c.mesh.data, c.mesh.fsdp = -1, 1
+  c.loss.name = "grpo"
+  c.loss.hparams.grpo.clip_ratio_c = None  # no dual clip
+  config_utils.validate(c)
+  c.optim.grad_clip = 0.0  # also off (train.make_optimizer)
+  config_utils.validate(c)
+
+
+def test_range_describes_itself():
+  assert config_utils.MOMENTUM.describe() == "a finite number in [0, 1)"
+  assert config_utils.PROBABILITY.describe() == "a finite number in (0, 1]"
+  assert not config_utils.POSITIVE.contains(float("nan"))
+  assert not config_utils.COUNT.contains(True) and config_utils.COUNT.contains(3)
+  assert config_utils.MESH_AXIS.contains(-1) and not config_utils.MESH_AXIS.contains(-2)

@@ -35,6 +35,7 @@ import json
 import os
 from typing import Any, Iterator, Optional
 
+from lad_jax.errors import DataFormatError
 from lad_jax.verifiers import extraction
 
 PROBLEM_FIELDS = ("problem", "question", "Problem", "Question", "prompt")
@@ -129,9 +130,11 @@ def _iter_objects(path: str) -> Iterator[tuple[int, Any]]:
       try:
         data = json.load(f)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); expected a list of objects.") from e
+        raise DataFormatError(
+            f"{path}: not valid JSON ({e}); expected a list of objects.") from e
       if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}.")
+        raise DataFormatError(
+            f"{path}: expected a JSON list of objects, got {type(data).__name__}.")
       yield from enumerate(data, start=1)
       return
     for line_no, line in enumerate(f, start=1):
@@ -140,8 +143,8 @@ def _iter_objects(path: str) -> Iterator[tuple[int, Any]]:
       try:
         yield line_no, json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not valid JSON ({e}). Each line must be one JSON "
-                         "object like {\"problem\": ..., \"answer\": ...}.") from e
+        raise DataFormatError(f"{path}:{line_no}: not valid JSON ({e}). Each line must be one "
+                              "JSON object like {\"problem\": ..., \"answer\": ...}.") from e
 
 
 def _get(record: dict[str, Any], dotted: str) -> Any:
@@ -191,15 +194,15 @@ def _answer_text(field: str, value: Any) -> Optional[str]:
 def normalize_record(name: str, record: Any, index: int, where: str) -> dict[str, str]:
   """One source record -> {"id", "problem", "answer"}; ValueError naming the fields it lacks."""
   if not isinstance(record, dict):
-    raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    raise DataFormatError(f"{where}: expected a JSON object, got {type(record).__name__}.")
   problem = next((p for p in (_problem_text(_get(record, k)) for k in PROBLEM_FIELDS) if p), None)
   if problem is None:
-    raise ValueError(f"{where}: no problem text; add one of the fields {list(PROBLEM_FIELDS)} "
-                     f"(found fields {sorted(record)}).")
+    raise DataFormatError(f"{where}: no problem text; add one of the fields "
+                          f"{list(PROBLEM_FIELDS)} (found fields {sorted(record)}).")
   answer = next((a for a in (_answer_text(k, _get(record, k)) for k in ANSWER_FIELDS) if a), None)
   if answer is None:
-    raise ValueError(f"{where}: no answer; add one of the fields {list(ANSWER_FIELDS)} "
-                     f"(found fields {sorted(record)}).")
+    raise DataFormatError(f"{where}: no answer; add one of the fields {list(ANSWER_FIELDS)} "
+                          f"(found fields {sorted(record)}).")
   rid = next((str(record[k]) for k in ID_FIELDS if record.get(k) is not None), f"{name}-{index}")
   return {"id": rid, "problem": problem, "answer": answer}
 
@@ -210,5 +213,5 @@ def read_split(name: str, split: str, source_dir: str) -> list[dict[str, str]]:
   records = [normalize_record(name, obj, i, f"{path}:{line_no}")
              for i, (line_no, obj) in enumerate(_iter_objects(path))]
   if not records:
-    raise ValueError(f"{path} holds no records. " + _format_hint(name, path))
+    raise DataFormatError(f"{path} holds no records. " + _format_hint(name, path))
   return records

@@ -11,11 +11,12 @@ Both the transformers 4 spelling (`rope_theta` + `rope_scaling`) and the transfo
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping, Optional
 
 import jax.numpy as jnp
+
+from lad_jax.errors import DataFormatError, read_json
 
 # config.json `architectures[0]` -> our family name. Everything here is one code path: pre-norm
 # decoder, GQA, RoPE, RMSNorm, SwiGLU; Qwen2 adds q/k/v biases.
@@ -212,6 +213,7 @@ class ModelConfig:
 
     Raises:
       FileNotFoundError: no config.json where one was expected.
+      DataFormatError: config.json is not valid JSON (names the file and position).
       ValueError: unsupported architecture or rope scaling.
     """
     d = _read_hf_dict(source)
@@ -323,8 +325,11 @@ def _read_hf_dict(source: Any) -> dict[str, Any]:
     raise FileNotFoundError(
         f"No config.json at {path!r}. Expected a Hugging Face model directory containing "
         "config.json (plus model.safetensors or model-*.safetensors shards).")
-  with open(path) as f:
-    return json.load(f)
+  d = read_json(path, fix="download config.json again or fix it by hand")
+  if not isinstance(d, dict):
+    raise DataFormatError(f"{path}: a JSON {type(d).__name__}, not an object of model settings; "
+                          "download config.json again.")
+  return d
 
 
 def _architecture(d: Mapping[str, Any]) -> str:

@@ -30,6 +30,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lad_jax import sharding
+from lad_jax.errors import DataFormatError, read_json
 from lad_jax.models.config import ModelConfig
 from lad_jax.models.params import abstract_params
 
@@ -149,6 +150,25 @@ class TensorSource(Protocol):
     """Human-readable location of `name` (for error messages)."""
 
 
+def _shard_error(path: str, e: Exception) -> DataFormatError:
+  """One line naming the unreadable safetensors file, the reader's complaint, and the fix."""
+  reason = " ".join(str(e).split())
+  return DataFormatError(
+      f"{path}: not a readable safetensors file ({reason}; {os.path.getsize(path)} bytes); it is "
+      "probably truncated by an interrupted download: download that file again.")
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+  """The tensor -> shard file map of model.safetensors.index.json (one-line errors)."""
+  index = read_json(index_path, fix="download the index again or re-save the model")
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not all(
+      isinstance(v, str) for v in weight_map.values()):
+    raise DataFormatError(f"{index_path}: no \"weight_map\" object of tensor name -> shard file; "
+                          "download the index again or re-save the model.")
+  return weight_map
+
+
 class SafetensorsSource:
   """Tensors of a HF directory: model.safetensors, or shards listed in the index json."""
 
@@ -159,8 +179,7 @@ class SafetensorsSource:
           f"Model directory {directory!r} does not exist; expected {_EXPECTED_LAYOUT}.")
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.isfile(index_path):
-      with open(index_path) as f:
-        weight_map = json.load(f)["weight_map"]
+      weight_map = _read_weight_map(index_path)
       files = sorted(set(weight_map.values()))
       missing = [fn for fn in files if not os.path.isfile(os.path.join(directory, fn))]
       if missing:
@@ -189,8 +208,12 @@ class SafetensorsSource:
   def _handle(self, fn: str) -> Any:
     if fn not in self._handles:
       from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-      self._handles[fn] = self._stack.enter_context(
-          safe_open(os.path.join(self.directory, fn), framework="numpy"))
+      path = os.path.join(self.directory, fn)
+      try:
+        handle = safe_open(path, framework="numpy")
+      except Exception as e:  # safetensors raises its own SafetensorError (a plain Exception)
+        raise _shard_error(path, e) from e
+      self._handles[fn] = self._stack.enter_context(handle)
     return self._handles[fn]
 
   def shape(self, name: str) -> Optional[tuple[int, ...]]:
@@ -199,7 +222,11 @@ class SafetensorsSource:
     return tuple(self._handle(self.weight_map[name]).get_slice(name).get_shape())
 
   def read(self, name: str, slices: tuple[slice, ...]) -> np.ndarray:
-    return self._handle(self.weight_map[name]).get_slice(name)[slices]
+    handle = self._handle(self.weight_map[name])
+    try:
+      return handle.get_slice(name)[slices]
+    except Exception as e:  # a shard cut short after its header was read
+      raise _shard_error(self.where(name), e) from e
 
   def where(self, name: str) -> str:
     fn = self.weight_map.get(name)
@@ -307,6 +334,7 @@ def load_hf(directory: str, *, mesh: Optional[Mesh] = None,
 
   Raises:
     FileNotFoundError: missing directory, config.json, or safetensors shard.
+    DataFormatError: broken config.json / index JSON, or a truncated shard (naming the file).
     ValueError: unsupported architecture, missing tensor, or shape mismatch (naming it).
   """
   directory = os.fspath(directory)
