@@ -413,3 +413,20 @@ def test_nothing_is_left_on_the_host(verifier):
   if parent is not None:
     mine = [d for d in os.listdir(parent.path) if d.startswith(f"lad_sandbox_{os.getpid()}_")]
     assert not mine, mine
+
+
+REWARD_HACKS = ("eq_always_true", "int_subclass_eq_always_true", "patch_builtins_compile",
+                "patch_builtins_exec", "token_from_harness_frames", "reads_stdin", "reads_fd0")
+
+
+@pytest.mark.parametrize("isolation", ["uid", "rlimits"])
+def test_reward_hacks_fail_at_weaker_levels(isolation):
+  # The verdict does not rest on namespaces: the checker is another process at every level.
+  if isolation == "uid" and os.geteuid() != 0:
+    pytest.skip("the uid level needs root")
+  with CodeVerifier(workers=1, timeout_s=TIMEOUT_S, isolation=isolation) as v:
+    results = v.score_programs([GOOD_ADD] + [HOSTILE[h] for h in REWARD_HACKS],
+                               [ADD_TESTS] * (1 + len(REWARD_HACKS)))
+  assert results[0].correct, results[0]
+  assert not any(r.correct for r in results[1:]), [r.reason for r in results[1:]]
+  _assert_no_leftover_processes()

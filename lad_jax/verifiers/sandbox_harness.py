@@ -481,8 +481,26 @@ def _run_function(spec, check_fd):
   _drop_privileges(checker_uid, checker_uid)
   os.chdir("/")
   del spec
-  _check(check, _Candidate(call_w, reply_r, pid))
-  os.write(verdict_fd, token)
+  try:
+    _check(check, _Candidate(call_w, reply_r, pid))
+    os.write(verdict_fd, token)
+  finally:
+    os.close(call_w)
+    _reap(pid)
+
+
+def _reap(pid, timeout_s=0.2):
+  """Waits briefly for the candidate, which exits when the call pipe closes: without a PID
+  namespace an orphan would otherwise linger as a zombie of the host's init."""
+  import time  # pylint: disable=g-import-not-at-top
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    try:
+      if os.waitpid(pid, os.WNOHANG)[0]:
+        return
+    except ChildProcessError:
+      return
+    time.sleep(0.001)
 
 
 def main():
