@@ -23,8 +23,9 @@ containers):
     private tmpfs) or owned by that uid (the scratch directory). RLIMIT_NPROC is per uid, so a
     random uid gives each run its own process budget.
 "namespaces" (not root, unprivileged user namespaces allowed): as above, inside a user namespace
-  (`unshare --user --map-root-user`), but no uid drop. RLIMIT_NPROC is set to the user's current
-  task count plus `max_processes`.
+  (`unshare --user --map-root-user`), but no uid drop: the program keeps uid 0 of the user
+  namespace with every capability cleared and SECBIT_NOROOT locked. RLIMIT_NPROC is set to the
+  user's current task count plus `max_processes`.
 "uid" (root without `unshare`): uid drop and rlimits; sockets blocked by an audit hook only; the
   host file system is visible (readable where permissions allow); SysV objects owned by the run's
   uids are removed after the run.
@@ -39,7 +40,9 @@ non-dumpable so that the candidate cannot ptrace it or read its memory). The can
 calls of the entry point with plain data only (exact builtin types: a value whose __eq__ is rigged
 is refused), the checker compares builtin values decoded by trusted code, and writes a per-run
 token on a pipe that only it holds; the program never sees the tests, the token or that pipe, and
-cannot patch the checker's builtins. stdin reads raise in the candidate, as in HumanEval.
+cannot patch the checker's builtins. stdin reads raise in the candidate, as in HumanEval. Where
+there is no uid drop ("namespaces", "rlimits") the checker shares the program's uid and is
+protected by being non-dumpable (and, in a user namespace, by the program's cleared capabilities).
 
 Memory (`memory_bound`): "cgroup2" / "cgroup1": each run gets a memory cgroup, a child of the
 caller's own cgroup, limited to `memory_mb` + 64 MiB (headroom for the harness's own processes,
