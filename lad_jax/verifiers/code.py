@@ -1,9 +1,11 @@
 """Code verifier: run generated programs against tests in the sandbox (see `sandbox.py`).
 
 Two test formats:
-  FunctionTests (HumanEval / HumanEval+ style): program = prompt + completion, then the test code
-    (which defines `check`), then `check(entry_point)`. A pass is judged by a per-run secret token
-    the harness prints only after all of that finished without an exception.
+  FunctionTests (HumanEval / HumanEval+ style): program = prompt + completion, run in one sandboxed
+    process; the test code (which defines `check`) runs after the trusted prompt in another, and
+    `check(candidate)` calls the program's `entry_point` across the process boundary with plain
+    data (exact builtin types, compared by trusted code). A pass is judged by a per-run secret token
+    the checker writes on a pipe the program never holds (see `sandbox.py`). stdin reads raise.
   StdioTests (LiveCodeBench / DeepCoder style): the program reads stdin and writes stdout, once per
     case, each case in a fresh sandbox; outputs are compared after stripping, line by line
     (LiveCodeBench `compare_strings`-style). Expected outputs never enter the sandbox. Runs stop at
@@ -158,7 +160,8 @@ class CodeVerifier:
 
   def _score_function(self, completion: str, tests: FunctionTests) -> Result:
     program = build_program(tests.prompt, completion, tests.entry_point)
-    passed, outcome = self.sandbox.run_function_tests(program, tests.test, tests.entry_point)
+    passed, outcome = self.sandbox.run_function_tests(program, tests.test, tests.entry_point,
+                                                      prompt=tests.prompt)
     if passed:
       return self._result(True, result_lib.CORRECT, program)
     if outcome.status != sandbox_lib.OK:
