@@ -23,12 +23,12 @@ from typing import Any, Callable, Optional, Sequence
 from absl import app
 from absl import flags
 
-from lad_jax.errors import ConfigError, DataFormatError
+from lad_jax.errors import ConfigError, DataFormatError, RunError
 
 EXIT_STATUS = 2  # as argparse: the command line or its inputs are wrong
 VERBOSE_ENV = "LAD_VERBOSE"
 # Errors whose message says what to fix; a traceback would only bury it.
-KNOWN_ERRORS = (ConfigError, DataFormatError, FileNotFoundError, app.UsageError)
+KNOWN_ERRORS = (ConfigError, DataFormatError, RunError, FileNotFoundError, app.UsageError)
 
 if "verbose" not in flags.FLAGS:
   flags.DEFINE_bool("verbose", False, "Show the traceback of a config / data / flag error instead "

@@ -4,6 +4,8 @@
   DataFormatError  a file that exists but cannot be read: broken JSON, a truncated safetensors
                    shard, a record without a required field. Messages start `path:line:` where a
                    line is known.
+  RunError         a run that stopped on purpose to lose nothing: too many non-finite updates in
+                   a row (NonFiniteError), a checkpoint that could not be saved or restored.
 
 Both subclass ValueError, so code that caught ValueError before keeps working. `read_json`
 loads a JSON file and turns a decode error into a DataFormatError naming the file and position.
@@ -23,6 +25,14 @@ class ConfigError(ValueError):
 
 class DataFormatError(ValueError):
   """A data, model or config file that exists but is malformed (names the file and line)."""
+
+
+class RunError(RuntimeError):
+  """A run stopped on purpose, with its last good checkpoint intact (the message says which)."""
+
+
+class NonFiniteError(RunError):
+  """Too many policy updates in a row had a non-finite loss or gradient (all were skipped)."""
 
 
 def json_error(path: str, e: json.JSONDecodeError, *, line: Optional[int] = None,

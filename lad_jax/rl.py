@@ -38,6 +38,7 @@ from lad_jax import advantages as advantages_lib
 from lad_jax import checkpoint as checkpoint_lib
 from lad_jax import components
 from lad_jax import config_utils
+from lad_jax import errors
 from lad_jax import evaluate as evaluate_lib
 from lad_jax import metrics as metrics_lib
 from lad_jax import report
@@ -50,10 +51,7 @@ from lad_jax.rollout import Rollout, SampleSettings
 from lad_jax.train import TrainBatch, TrainState
 
 ConfigError = config_utils.ConfigError
-
-
-class NonFiniteError(RuntimeError):
-  """Too many policy updates in a row had a non-finite loss or gradient."""
+NonFiniteError = errors.NonFiniteError
 
 
 # ------------------------------------------------------------------------------------------------
