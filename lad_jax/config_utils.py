@@ -359,6 +359,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "train.num_steps": NONNEG_INT, "train.prompts_per_step": COUNT, "train.mini_batches": COUNT,
     "train.epochs": COUNT, "train.micro_batches": COUNT,
     "train.chunk_size": Range(1, integer=True, none="no chunking"),
+    "train.max_nonfinite_updates": NONNEG_INT,
     "optim.lr": NONNEG, "optim.warmup_steps": NONNEG_INT, "optim.weight_decay": NONNEG,
     "optim.grad_clip": Range(0, none="no clipping", why="0 also turns clipping off"),
     "optim.b1": MOMENTUM, "optim.b2": MOMENTUM, "optim.eps": POSITIVE,
@@ -471,17 +472,8 @@ def estimator_kwargs(config: ConfigDict, estimator: str) -> dict[str, Any]:
   return dict(hp[estimator]) if estimator in hp else {}
 
 
-def validate(config: ConfigDict) -> None:
-  """Checks keys and values without touching the disk (see `check_files`).
-
-  Raises:
-    ConfigError: an unknown key (naming the valid ones nearby), a bad choice, an inconsistent
-      batch layout, an unknown objective / estimator / hyperparameter.
-  """
-  from lad_jax import advantages as advantages_lib  # pylint: disable=g-import-not-at-top
-  from lad_jax import objectives as objectives_lib  # pylint: disable=g-import-not-at-top
-  from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
-
+def _check_keys(config: ConfigDict) -> None:
+  """Every key of `config` exists in `base_config` (else: the valid keys beside it)."""
   known = _flat_keys(base_config())
   given = _flat_keys(config)
   unknown = sorted(set(given) - set(known))
@@ -491,7 +483,11 @@ def validate(config: ConfigDict) -> None:
     siblings = sorted(k for k in known if (k.rsplit(".", 1)[0] if "." in k else "") == parent)
     raise ConfigError(f"Unknown config key(s) {unknown}; valid keys"
                       f"{' under ' + parent if parent else ''}: {siblings}.")
-  check_numbers(config)
+
+
+def _check_choices(config: ConfigDict) -> None:
+  """Named choices, and the model / tokenizer / step-count combinations that can run."""
+  from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
   _check_choice("model.source", config.model.source, MODEL_SOURCES)
   _check_choice("tokenizer.kind", config.tokenizer.kind, TOKENIZERS)
   _check_choice("data.task", config.data.task, TASKS)
@@ -510,6 +506,10 @@ def validate(config: ConfigDict) -> None:
   if config.train.num_steps == 0 and not (config.eval.before_train and eval_sets(config)):
     raise ConfigError("config.train.num_steps=0 only evaluates the initial model: set "
                       "config.eval.before_train=True and config.data.eval.")
+
+
+def _check_batch_layout(config: ConfigDict) -> None:
+  """Sizes, whole groups per mini-batch, untruncated training rollouts, pass@k within samples."""
   _check_positive(config, "train.prompts_per_step", "train.mini_batches",
                   "train.epochs", "train.micro_batches", "sampling.group_size",
                   "sampling.max_new_tokens", "sampling.temperature",
@@ -538,6 +538,12 @@ def validate(config: ConfigDict) -> None:
   if bad_k:
     raise ConfigError(f"config.eval.pass_k={tuple(config.eval.pass_k)} has k outside "
                       f"[1, eval.samples={config.eval.samples}]: {bad_k}.")
+
+
+def _check_objective(config: ConfigDict) -> None:
+  """The objective, its divergence and hyperparameters, and the advantage estimator exist."""
+  from lad_jax import advantages as advantages_lib  # pylint: disable=g-import-not-at-top
+  from lad_jax import objectives as objectives_lib  # pylint: disable=g-import-not-at-top
   if config.loss.name in NOT_FOR_ROLLOUTS:
     raise ConfigError(f"config.loss.name={config.loss.name!r} cannot train on rollouts: "
                       f"{NOT_FOR_ROLLOUTS[config.loss.name]}.")
@@ -551,6 +557,11 @@ def validate(config: ConfigDict) -> None:
     advantages_lib.get(estimator, **estimator_kwargs(config, estimator))
   except ValueError as e:
     raise ConfigError(str(e)) from e
+
+
+def _check_data(config: ConfigDict) -> None:
+  """Few-shot examples, the answer extraction mode, and the dataset / task names."""
+  from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
   try:
     prompts.check_examples(config.data.few_shot)
   except ValueError as e:
@@ -571,6 +582,22 @@ def validate(config: ConfigDict) -> None:
       if name not in sources.MATH_SOURCES:
         raise ConfigError(f"Unknown math dataset {name!r}; valid ones: "
                           f"{sorted(sources.MATH_SOURCES)}.")
+
+
+def validate(config: ConfigDict) -> None:
+  """Checks keys and values without touching the disk (see `check_files`).
+
+  Raises:
+    ConfigError: an unknown key (naming the valid ones nearby), a non-finite or out-of-range
+      number, a bad choice, an inconsistent batch layout, an unknown objective / estimator /
+      hyperparameter, an unknown dataset.
+  """
+  _check_keys(config)
+  check_numbers(config)
+  _check_choices(config)
+  _check_batch_layout(config)
+  _check_objective(config)
+  _check_data(config)
 
 
 def check_files(config: ConfigDict) -> None:
