@@ -345,9 +345,14 @@ def _loop(config, c: Components, state: TrainState, ckpt, start: int, position: 
       last = _evaluate(c, state, eval_key, config)
       out.step(0, last, None, c.tokenizer)
     for step in range(start, n):
-      state, last, rollout = rl_step(state, stream, jax.random.fold_in(rollout_key, step), c=c,
-                                     loop=loop)
       done = step + 1
+      try:
+        state, last, rollout = rl_step(state, stream, jax.random.fold_in(rollout_key, step),
+                                       c=c, loop=loop)
+      except errors.NonFiniteError as e:
+        last_good = ckpt.latest_step()
+        saved = f"step {last_good}" if last_good is not None else "none (nothing was saved)"
+        raise errors.NonFiniteError(f"step {done}: {e} The last checkpoint is {saved}.") from e
       if config.eval.every and (done % config.eval.every == 0 or done == n) and c.task.evals:
         last.update(_evaluate(c, state, eval_key, config))
       out.step(done, last, rollout, c.tokenizer)
