@@ -291,10 +291,10 @@ def create_train_state(model: Decoder, tx: optax.GradientTransformation, key: Ar
     with_logz_head: add FlowRL's log Z head (`baselines.LogZHead`, replicated: it is small).
     master_weights: keep an fp32 master copy in the optimizer state; default: exactly when some
       parameter is stored in less than 32 bits (see the module docstring).
-    compiler_options: XLA options for the initialising jit (see `make_train_step`).
+    compiler_options: XLA options for the initialising jit (see `jit_train_step`).
 
   Returns:
-    (state, state_shardings), the second a TrainState of NamedShardings for `make_train_step`.
+    (state, state_shardings), the second a TrainState of NamedShardings for `jit_train_step`.
   """
   cfg = model.cfg
   rules = tuple(rules or sharding.DEFAULT_RULES)
