@@ -1,8 +1,8 @@
 """Verified orbax checkpoints with exact resume: the train state pytree plus JSON metadata.
 
-The state (params, optimizer state, step, PRNG key) is saved with `StandardSave`, so each host writes
-only its own shards and a restore places every array directly into the sharding of the abstract
-target. Everything that is not an array (data-iterator position, config snapshot) goes in `meta`.
+The state (params, optimizer state, step, PRNG key) is saved with `StandardSave`, so each host
+writes only its own shards and a restore places every array directly into the sharding of the
+abstract target. Everything that is not an array (data-iterator position, config snapshot) goes in `meta`.
 
 Every checkpoint also carries a fingerprint (a third item, `fingerprint`, JSON): per leaf its
 shape, dtype, a 64-bit checksum of its bytes and whether it is finite. The checksum is computed on
@@ -149,7 +149,7 @@ def _path_str(path: tuple[Any, ...]) -> str:
 
 
 def fingerprint(state: Any) -> dict[str, Any]:
-  """The JSON fingerprint of a state: {"version", "leaves": {path: {shape, dtype, checksum, finite}}}.
+  """A state's JSON fingerprint: {"version", "leaves": {path: {shape, dtype, checksum, finite}}}.
 
   Computed on device in one jitted call; only 3 scalars per leaf come back to the host.
   """
@@ -426,7 +426,13 @@ class Checkpointer:
     step = self.latest_step() if step is None else int(step)
     if step is None:
       raise FileNotFoundError(f"No checkpoint found in {self.directory}.")
-    state, meta, _ = self._restore_checked(step, abstract_state)
+    try:
+      state, meta, _ = self._restore_checked(step, abstract_state)
+    except StateMismatchError:
+      raise
+    except CheckpointError as e:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory} is damaged ({e}); "
+                            "restore_latest_intact falls back to an older one") from e
     return state, meta
 
   def restore_latest_intact(self, abstract_state: Any, *,
