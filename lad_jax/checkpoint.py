@@ -2,7 +2,8 @@
 
 The state (params, optimizer state, step, PRNG key) is saved with `StandardSave`, so each host
 writes only its own shards and a restore places every array directly into the sharding of the
-abstract target. Everything that is not an array (data-iterator position, config snapshot) goes in `meta`.
+abstract target. Everything that is not an array (data-iterator position, config snapshot) goes
+in `meta`.
 
 Every checkpoint also carries a fingerprint (a third item, `fingerprint`, JSON): per leaf its
 shape, dtype, a 64-bit checksum of its bytes and whether it is finite. The checksum is computed on
@@ -11,7 +12,9 @@ position, summed mod 2^32 in two lanes), so sharded and multi-host arrays are ne
 
   * `save` refuses a state with a non-finite floating leaf (`NonFiniteStateError`, nothing is
     written) and, by default, waits for the write so a failure (full disk, lost mount) stops the
-    run at once as one `SaveError` line; the last good checkpoint stays untouched.
+    run at once as one `SaveError` line; the last good checkpoint stays untouched. (Waiting costs
+    the write time: ~9-17 s for a 135M-parameter fp32 + Adam state, 1.6 GB, on a 2-core CPU box,
+    against ~0.2 s for an asynchronous save; `wait=False` + `check()` each step keeps the overlap.)
   * `restore_latest_intact` recomputes the fingerprint of what it read; a damaged checkpoint
     (checksum mismatch, non-finite values, unreadable or truncated files) is moved aside to
     `<directory>.damaged/` with a one-line warning and the next older one is tried.
@@ -254,17 +257,31 @@ _orbax_filter = _OrbaxErrorFilter()
 
 
 def _orbax_unraisable(unraisable: Any) -> None:
-  """Sends orbax's abandoned-coroutine reports to the debug log; passes anything else on.
+  """Sends orbax's abandoned-read reports to the debug log; passes anything else on.
 
-  When one read of a damaged checkpoint fails, orbax abandons its sibling read coroutines, and
-  Python prints each one's traceback ("Exception ignored in <coroutine ...>") when it is
-  collected, after the failure has already become our one-line warning.
+  When one read of a damaged checkpoint fails, orbax abandons its sibling reads: Python reports
+  each abandoned coroutine ("Exception ignored in <coroutine ...>") when it is collected, and
+  tensorstore reports each late completion callback that finds orbax's event loop closed. Both
+  come after the failure has already become our one-line warning.
   """
   code = getattr(unraisable.object, "cr_code", None)
-  if code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename:
-    _log.debug("orbax (abandoned read): %s", unraisable.exc_value)
+  orbax_coroutine = code is not None and f"{os.sep}orbax{os.sep}" in code.co_filename
+  late_callback = (isinstance(unraisable.exc_value, RuntimeError) and
+                   str(unraisable.exc_value) == "Event loop is closed" and
+                   _raised_in(unraisable.exc_traceback, "call_soon_threadsafe"))
+  if orbax_coroutine or late_callback:
+    _log.debug("orbax (abandoned read): %r", unraisable.exc_value)
     return
   (_previous_unraisable or sys.__unraisablehook__)(unraisable)
+
+
+def _raised_in(tb: Any, function: str) -> bool:
+  """Whether a traceback passes through a function of that name."""
+  while tb is not None:
+    if tb.tb_frame.f_code.co_name == function:
+      return True
+    tb = tb.tb_next
+  return False
 
 
 _open_checkpointers = 0

@@ -407,3 +407,18 @@ def test_restore_of_a_damaged_step_names_it(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="step 2 .* is damaged"):
       ckpt.restore(abstract)
     _assert_equal(_big_state(1), ckpt.restore(abstract, step=1)[0])
+
+
+def test_late_orbax_callback_reports_go_to_the_debug_log(capsys):
+  """tensorstore's 'Event loop is closed' report after an abandoned read is not printed."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  def call_soon_threadsafe():
+    raise RuntimeError("Event loop is closed")
+  try:
+    call_soon_threadsafe()
+  except RuntimeError as e:
+    report = types.SimpleNamespace(exc_type=RuntimeError, exc_value=e, exc_traceback=e.__traceback__,
+                                   err_msg=None, object=None)
+  checkpoint._orbax_unraisable(report)  # pylint: disable=protected-access
+  assert capsys.readouterr().err == ""
