@@ -35,11 +35,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lad_jax import errors
+
 _FINGERPRINT_VERSION = 1
 _MAX_REASON = 300  # characters of a cause kept in a one-line message
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.RunError):
   """A checkpoint problem; the message is one line naming the problem and the fix."""
 
 

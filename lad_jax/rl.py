@@ -43,6 +43,7 @@ from lad_jax import evaluate as evaluate_lib
 from lad_jax import metrics as metrics_lib
 from lad_jax import report
 from lad_jax import rollout as rollout_lib
+from lad_jax import run_dir
 from lad_jax import scoring
 from lad_jax import tasks as tasks_lib
 from lad_jax import train as train_lib
@@ -289,9 +290,7 @@ class _Outputs:
     self.bar = None
     if self.lead:
       metrics_lib.truncate_jsonl(self.samples_path, first_step)
-      os.makedirs(workdir, exist_ok=True)
-      with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2))
+      run_dir.record_config(workdir, config, start_step=start)  # config.json + one per start
       if config.log.progress_bar:
         self.bar = _progress_bar(config, workdir, start)
 
@@ -346,6 +345,7 @@ def _loop(config, c: Components, state: TrainState, ckpt, start: int, position: 
       out.step(0, last, None, c.tokenizer)
     for step in range(start, n):
       done = step + 1
+      ckpt.check()  # a failed asynchronous save stops the run here, with one line
       try:
         state, last, rollout = rl_step(state, stream, jax.random.fold_in(rollout_key, step),
                                        c=c, loop=loop)
@@ -381,17 +381,23 @@ def train_and_evaluate(config, *, task: Optional[tasks_lib.Task] = None
   config_utils.validate(config)
   config_utils.check_files(config)
   components.maybe_initialize_distributed(config)
+  workdir = report.workdir(config)
+  _prepare_workdir(config, workdir)
   previous_cache = report.set_compile_cache(config.compile_cache_dir)
   c = None
   try:
     c, state = build_components(config, task=task)
-    ckpt = checkpoint_lib.Checkpointer(os.path.join(report.workdir(config), "checkpoints"),
-                                       max_to_keep=config.checkpoint.max_to_keep)
+    # One process: saves overlap the next step and `ckpt.check()` raises a failed one at the
+    # next step boundary. Several: each save is waited for, so every host fails together.
+    ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                       max_to_keep=config.checkpoint.max_to_keep,
+                                       wait=jax.process_count() > 1)
     try:
       start, position = 0, 0
-      if config.checkpoint.resume and ckpt.latest_step() is not None:
-        state, meta = ckpt.restore(state)
-        start, position = int(meta["step"]), int(meta["data_position"])
+      restored = ckpt.restore_latest_intact(state) if config.checkpoint.resume else None
+      if restored is not None:  # damaged newer checkpoints were moved aside, with a warning
+        state = restored.state
+        start, position = int(restored.meta["step"]), int(restored.meta["data_position"])
       return _loop(config, c, state, ckpt, start, position)
     finally:
       ckpt.close()
@@ -401,3 +407,15 @@ def train_and_evaluate(config, *, task: Optional[tasks_lib.Task] = None
     if config.compile_cache_dir:
       for name, value in previous_cache.items():
         jax.config.update(name, value)
+
+
+def _prepare_workdir(config, workdir: str) -> None:
+  """Resuming: refuses a workdir whose saved run has another config (run_dir.check_resume).
+  Starting over (checkpoint.resume=False): moves an earlier run into <workdir>/previous/."""
+  if config.checkpoint.resume:
+    run_dir.check_resume(workdir, config)
+  elif jax.process_index() == 0 and os.path.isdir(workdir):
+    events = [n for n in os.listdir(workdir) if n.startswith("events.out.tfevents")]
+    run_dir.archive_previous(workdir, names=(
+        "checkpoints", "checkpoints.damaged", run_dir.CONFIG_FILE, run_dir.STARTS_DIR,
+        "metrics.jsonl", "samples.jsonl", *events))

@@ -33,6 +33,7 @@ STARTS_DIR = "configs"
 # live, but not one number the run computes (raising train.num_steps continues a run).
 NON_RUN_KEYS = (
     "train.num_steps",
+    "train.max_nonfinite_updates",
     "log",
     "eval",
     "checkpoint",
