@@ -1,4 +1,5 @@
-"""What a run leaves for a reader: its workdir, decoded samples and the end-of-run summary.
+"""What a run leaves for a reader: its workdir, metrics, decoded samples, the config of each start,
+a progress bar, and the end-of-run summary.
 
   print(report.summary(config))   # per-step table of the key metrics, evaluations, output paths
 """
@@ -12,6 +13,7 @@ from typing import Any, Optional
 import jax
 
 from lad_jax import metrics as metrics_lib
+from lad_jax import run_dir
 from lad_jax.rollout import Rollout
 
 
@@ -86,3 +88,55 @@ def summary(config, *, wall_s: Optional[float] = None) -> str:
                "samples.jsonl (decoded rollouts), TensorBoard events "
                f"(tensorboard --logdir {wd}), checkpoints/ (rerunning the command resumes)")
   return "\n".join(lines)
+
+
+class RunOutputs:
+  """The run's files (metrics, samples, config) and terminal progress; process 0 writes."""
+
+  def __init__(self, config, workdir: str, start: int):
+    # Steps after the checkpoint are replayed, so their rows from before a kill are dropped; a
+    # fresh run (which may begin with the step-0 evaluation) starts the files over.
+    first_step = start + 1 if start else 0
+    self.writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard,
+                                           first_step=first_step)
+    self.samples_path = os.path.join(workdir, "samples.jsonl")
+    self.samples = config.log.samples
+    self.lead = jax.process_index() == 0
+    self.bar = None
+    if self.lead:
+      metrics_lib.truncate_jsonl(self.samples_path, first_step)
+      run_dir.record_config(workdir, config, start_step=start)  # config.json + one per start
+      if config.log.progress_bar:
+        self.bar = _progress_bar(config, workdir, start)
+
+  def step(self, step: int, metrics: dict[str, float], rollout: Optional[Rollout], tokenizer):
+    self.writer.write(step, metrics)
+    if self.lead and rollout is not None:
+      write_samples(self.samples_path, step, rollout, tokenizer, count=self.samples)
+    if self.bar is not None and rollout is not None:
+      self.bar.update(1)
+      self.bar.set_postfix({
+          "reward": f"{metrics['critic/rewards/mean']:.3f}",
+          "acc": f"{metrics['critic/acc/mean']:.2f}",
+          "loss": f"{metrics.get('actor/pg_loss', float('nan')):.4f}",
+          "ent": f"{metrics.get('actor/entropy', float('nan')):.3f}",
+          "len": f"{metrics['response_length/mean']:.0f}",
+          "s/step": f"{metrics['timing_s/step']:.0f}"})
+
+  def close(self):
+    if self.bar is not None:
+      self.bar.close()
+    self.writer.close()
+
+
+def _progress_bar(config, workdir: str, start: int):
+  import tqdm  # pylint: disable=g-import-not-at-top
+  n = config.train.num_steps
+  resumed = f", resuming after step {start}" if start else ""
+  print(f"{config.name}: {n} steps of {config.train.prompts_per_step} prompts x "
+        f"{config.sampling.group_size} samples{resumed}; outputs -> {workdir}", flush=True)
+  if start and start >= n:
+    print(f"{config.name}: the checkpoint of step {start} completes this run; nothing left to "
+          f"do (raise --config.train.num_steps to continue, or delete {workdir} to start "
+          "over).", flush=True)
+  return tqdm.tqdm(total=n, initial=start, desc=config.name, dynamic_ncols=True)
