@@ -691,6 +691,79 @@ def _landscape_fn(name: str, config: BanditConfig, eta: float):
   return jax.jit(jax.vmap(exact_loss_fn(name, config, eta), in_axes=(0, None)))
 
 
+_FIGURE2_COLORS = {"practical": "tab:blue", "theoretical": "tab:green", "grpo": "tab:red"}
+
+
+def _figure2_phase_bounds(config: BanditConfig, max_phase_panels: int) -> list[int]:
+  """Log indices bounding each loss panel: one panel per phase of pi_old, or one panel for all
+  of them (over the landscape of the first pi_old) when there are over max_phase_panels."""
+  num_logs = config.steps // config.log_every
+  if config.refreshes + 1 <= max_phase_panels:
+    starts = np.flatnonzero(refresh_schedule(config.steps, config.refreshes)) // config.log_every
+    return [0, *starts.tolist(), num_logs]
+  return [0, num_logs]
+
+
+def _figure2_plane(runs: Mapping[str, RunResult], eta: float, grid: int):
+  """Seed-0 trajectories of `runs` (uniform start prepended, [L + 1, K] each) on the top-2 PCA
+  plane of their centred logits, and a grid x grid mesh over their extent (15% margin).
+
+  Returns (projections {label: [L + 1, 2]}, mesh coordinates aa, bb [grid, grid], the mesh's
+  points as logits [grid * grid, K]).
+  """
+  trajs = {}
+  for label, r in runs.items():
+    lg = r.trajectory.logits[r.etas.index(eta), 0]
+    trajs[label] = np.concatenate([np.zeros_like(lg[:1]), lg], axis=0)  # prepend the start
+  centre, pcs = pca_plane(list(trajs.values()))
+  proj = {k: (v - v.mean(-1, keepdims=True) - centre) @ pcs.T for k, v in trajs.items()}
+  allp = np.concatenate(list(proj.values()))
+  lo, hi = allp.min(0), allp.max(0)
+  pad = 0.15 * (hi - lo) + 1e-3
+  a = np.linspace(lo[0] - pad[0], hi[0] + pad[0], grid)
+  b = np.linspace(lo[1] - pad[1], hi[1] + pad[1], grid)
+  aa, bb = np.meshgrid(a, b)
+  plane_GK = centre + aa.reshape(-1, 1) * pcs[0] + bb.reshape(-1, 1) * pcs[1]
+  return proj, aa, bb, plane_GK
+
+
+def _plot_figure2_phase(fig, ax, proj: Mapping[str, np.ndarray], z_GG: np.ndarray, aa, bb,
+                        start: int, end: int, first: bool) -> None:
+  """One loss panel: the loss z [grid, grid] as filled contours under the trajectories' log
+  points start .. end (their end marked; the uniform start too on the first panel)."""
+  cs = ax.contourf(aa, bb, z_GG, levels=20, cmap="viridis")
+  fig.colorbar(cs, ax=ax, fraction=0.046).ax.tick_params(labelsize=6)
+  for label, xy in proj.items():
+    seg = xy[start:end + 1]
+    # Theoretical is drawn wide and pale underneath, so practical LAD stays visible on top.
+    wide = label == "theoretical"
+    ax.plot(seg[:, 0], seg[:, 1], color=_FIGURE2_COLORS[label], lw=4 if wide else 1.3,
+            alpha=0.5 if wide else 1.0, label=label, zorder=2 if wide else 3)
+    ax.plot(seg[-1, 0], seg[-1, 1], "o", color=_FIGURE2_COLORS[label], ms=3, zorder=4)
+    if first:
+      ax.plot(seg[0, 0], seg[0, 1], "kx", ms=5, zorder=4)  # uniform start
+
+
+def _plot_figure2_tv(ax, results: Mapping[str, RunResult], div: str, eta: float,
+                     config: BanditConfig) -> None:
+  """TV of each method's seed-0 policy from THEORY_REFERENCE's over the steps (nothing drawn
+  without the reference)."""
+  steps = (np.arange(config.steps // config.log_every) + 1) * config.log_every
+  theory = results.get(THEORY_REFERENCE)
+  if theory is None:
+    return
+  t_pi = np.exp(_log_softmax(theory.trajectory.logits[theory.etas.index(eta), 0]))
+  for name in (f"lad_{div}", f"lad_theoretical_{div}", "grpo", "flowrl", "pg"):
+    if name in results and name != THEORY_REFERENCE:
+      r = results[name]
+      pi = np.exp(_log_softmax(r.trajectory.logits[r.etas.index(eta), 0]))
+      ax.plot(steps, total_variation(pi, t_pi), lw=1, label=name)
+  ax.set_title(f"TV(pi_theta, pi_theta of {THEORY_REFERENCE})", fontsize=8)
+  ax.set_xlabel("step", fontsize=8)
+  ax.legend(fontsize=6)
+  ax.tick_params(labelsize=7)
+
+
 def plot_figure2(results: Mapping[str, RunResult], config: BanditConfig, eta: float, path: str, *,
                  title: str, divergences: Sequence[str] = ("js", "hellinger"),
                  grid: int = 33, max_phase_panels: int = 4) -> None:
@@ -704,70 +777,30 @@ def plot_figure2(results: Mapping[str, RunResult], config: BanditConfig, eta: fl
   divergences = [d for d in divergences
                  if f"lad_{d}" in results and f"lad_theoretical_{d}" in results]
   phases = config.refreshes + 1
-  num_logs = config.steps // config.log_every
-  if phases <= max_phase_panels:
-    starts = np.flatnonzero(refresh_schedule(config.steps, config.refreshes)) // config.log_every
-    bounds = [0, *starts.tolist(), num_logs]
-  else:  # Too many phases for a panel each: one panel, over the landscape of the first pi_old.
-    bounds = [0, num_logs]
+  bounds = _figure2_phase_bounds(config, max_phase_panels)
   panels = len(bounds) - 1
   fig, axes = plt.subplots(max(len(divergences), 1), panels + 1,
                            figsize=(3.6 * (panels + 1), 3.4 * max(len(divergences), 1)),
                            squeeze=False)
-  colors = {"practical": "tab:blue", "theoretical": "tab:green", "grpo": "tab:red"}
   for row, div in enumerate(divergences):
     runs = {"practical": results[f"lad_{div}"], "theoretical": results[f"lad_theoretical_{div}"]}
     if "grpo" in results:
       runs["grpo"] = results["grpo"]
-    trajs = {}
-    for label, r in runs.items():
-      lg = r.trajectory.logits[r.etas.index(eta), 0]
-      trajs[label] = np.concatenate([np.zeros_like(lg[:1]), lg], axis=0)  # prepend the start
-    centre, pcs = pca_plane(list(trajs.values()))
-    proj = {k: (v - v.mean(-1, keepdims=True) - centre) @ pcs.T for k, v in trajs.items()}
-    allp = np.concatenate(list(proj.values()))
-    lo, hi = allp.min(0), allp.max(0)
-    pad = 0.15 * (hi - lo) + 1e-3
-    a = np.linspace(lo[0] - pad[0], hi[0] + pad[0], grid)
-    b = np.linspace(lo[1] - pad[1], hi[1] + pad[1], grid)
-    aa, bb = np.meshgrid(a, b)
-    plane_GK = centre + aa.reshape(-1, 1) * pcs[0] + bb.reshape(-1, 1) * pcs[1]
+    proj, aa, bb, plane_GK = _figure2_plane(runs, eta, grid)
     loss_fn = _landscape_fn(f"lad_{div}", config, eta)
     old_traj = runs["practical"].trajectory.old_logits[runs["practical"].etas.index(eta), 0]
     for p in range(panels):
       ax = axes[row, p]
       old_K = old_traj[bounds[p]]
       z = np.asarray(loss_fn(jnp.asarray(plane_GK, jnp.float32), jnp.asarray(old_K)))
-      cs = ax.contourf(aa, bb, z.reshape(grid, grid), levels=20, cmap="viridis")
-      fig.colorbar(cs, ax=ax, fraction=0.046).ax.tick_params(labelsize=6)
-      for label, xy in proj.items():
-        seg = xy[bounds[p]:bounds[p + 1] + 1]
-        # Theoretical is drawn wide and pale underneath, so practical LAD stays visible on top.
-        wide = label == "theoretical"
-        ax.plot(seg[:, 0], seg[:, 1], color=colors[label], lw=4 if wide else 1.3,
-                alpha=0.5 if wide else 1.0, label=label, zorder=2 if wide else 3)
-        ax.plot(seg[-1, 0], seg[-1, 1], "o", color=colors[label], ms=3, zorder=4)
-        if p == 0:
-          ax.plot(seg[0, 0], seg[0, 1], "kx", ms=5, zorder=4)  # uniform start
+      _plot_figure2_phase(fig, ax, proj, z.reshape(grid, grid), aa, bb, bounds[p],
+                          bounds[p + 1], p == 0)
       ax.set_title(f"LAD-{div} loss, phase {p + 1}" if panels == phases else
                    f"LAD-{div} loss at the first pi_old ({phases} phases)", fontsize=9)
       ax.tick_params(labelsize=7)
       if p == 0:
         ax.legend(fontsize=6)
-    ax = axes[row, panels]
-    steps = (np.arange(num_logs) + 1) * config.log_every
-    theory = results.get(THEORY_REFERENCE)
-    if theory is not None:
-      t_pi = np.exp(_log_softmax(theory.trajectory.logits[theory.etas.index(eta), 0]))
-      for name in (f"lad_{div}", f"lad_theoretical_{div}", "grpo", "flowrl", "pg"):
-        if name in results and name != THEORY_REFERENCE:
-          r = results[name]
-          pi = np.exp(_log_softmax(r.trajectory.logits[r.etas.index(eta), 0]))
-          ax.plot(steps, total_variation(pi, t_pi), lw=1, label=name)
-      ax.set_title(f"TV(pi_theta, pi_theta of {THEORY_REFERENCE})", fontsize=8)
-      ax.set_xlabel("step", fontsize=8)
-      ax.legend(fontsize=6)
-      ax.tick_params(labelsize=7)
+    _plot_figure2_tv(axes[row, panels], results, div, eta, config)
   fig.suptitle(title, fontsize=10)
   fig.subplots_adjust(left=0.04, right=0.98, bottom=0.08, top=0.88, wspace=0.3, hspace=0.35)
   fig.savefig(path, dpi=100)

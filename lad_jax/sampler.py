@@ -60,6 +60,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import functools
 from typing import Any, Optional, Sequence
 
 import flax
@@ -244,6 +245,60 @@ def _as_typed_key(key: Any) -> Array:
   return jax.random.wrap_key_data(key)
 
 
+def _sample_step(i: Any, logits_NV: Array, key: Array, row_ids_N: Array, done_N: Array,
+                 tokens_NR: Array, logp_NR: Array, mask_NR: Array, *, temperature: float,
+                 top_k: int, top_p: float, pad_id: int, eos_E: np.ndarray
+                 ) -> tuple[Array, Array, Array, Array, Array]:
+  """Decode step i's draw: samples token i of every row from logits [N, V] and writes it.
+
+  Rows already done get pad_id, logp 0 and mask False; a row whose new token is one of
+  `eos_E` [E] is done from then on. Returns (tokens [N], done [N], tokens [N, R], logp [N, R],
+  mask [N, R]) with column i written.
+  """
+  u_N = row_uniforms(jax.random.fold_in(key, i), row_ids_N)
+  tok_N, lp_N = sample_logits(logits_NV, u_N, temperature=temperature, top_k=top_k,
+                              top_p=top_p)
+  active_N = ~done_N
+  tok_N = jnp.where(active_N, tok_N, pad_id)
+  lp_N = jnp.where(active_N, lp_N, 0.0)
+  tokens_NR = jax.lax.dynamic_update_slice(tokens_NR, tok_N[:, None], (0, i))
+  logp_NR = jax.lax.dynamic_update_slice(logp_NR, lp_N[:, None], (0, i))
+  mask_NR = jax.lax.dynamic_update_slice(mask_NR, active_N[:, None], (0, i))
+  if eos_E.size:
+    is_eos_N = jnp.any(tok_N[:, None] == jnp.asarray(eos_E)[None, :], axis=-1)
+    done_N = done_N | (active_N & is_eos_N)
+  return tok_N, done_N, tokens_NR, logp_NR, mask_NR
+
+
+def _check_sampling_args(group_size: int, max_new_tokens: int, temperature: float,
+                         top_p: float, top_k: int) -> None:
+  """Raises a clear error on a bad `Sampler.sample` argument."""
+  if group_size < 1:
+    raise ValueError(f"group_size must be >= 1, got {group_size}.")
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
+  if not temperature >= 0.0:
+    raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}.")
+  if top_k < 0:
+    raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}.")
+
+
+def _left_pad(prompts: list[list[int]], prompt_len: int, pad_id: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+  """Prompts LEFT-padded with pad_id to prompt_len: (tokens [P, Tp] int32, mask [P, Tp] bool).
+
+  Left padding puts every prompt's last token in the last column (where prefill reads it).
+  """
+  tokens_PT = np.full((len(prompts), prompt_len), pad_id, np.int32)
+  mask_PT = np.zeros((len(prompts), prompt_len), bool)
+  for i, p in enumerate(prompts):
+    tokens_PT[i, prompt_len - len(p):] = p
+    mask_PT[i, prompt_len - len(p):] = True
+  return tokens_PT, mask_PT
+
+
 class Sampler:
   """Batched, grouped sampling from a `Decoder` with a static-shape KV cache.
 
@@ -337,11 +392,36 @@ class Sampler:
   def _build(self, *, prompt_len: int, response_len: int, num_prompts: int, group_size: int,
              temperature: float, top_p: float, top_k: int):
     """(prefill, decode) jitted for one bucket / batch / sampling-params key."""
-    model, cfg = self.model, self.cfg
     n = num_prompts * group_size
     max_length = prompt_len + response_len
-    eos_E = np.asarray(self.eos_ids, np.int32)
-    pad_id = self.pad_id
+    prefill = self._prefill_fn(num_prompts, group_size, max_length)
+    sample_step = functools.partial(
+        _sample_step, temperature=temperature, top_k=top_k, top_p=top_p, pad_id=self.pad_id,
+        eos_E=np.asarray(self.eos_ids, np.int32))
+    decode = self._decode_fn(n, response_len, sample_step)
+    opts = xla_cpu.sampler_options(self.platform)
+    if self.mesh is None:
+      return (jax.jit(prefill, compiler_options=opts),
+              jax.jit(decode, donate_argnums=(1,), compiler_options=opts))
+    cache_sh = self._cache_shardings(n, max_length)
+    rows_PT = self._named(("batch", None), (num_prompts, prompt_len))
+    rows_NV = self._named(("batch", "activation_vocab"), (n, self.cfg.vocab_size))
+    rows_NR = self._named(("batch", None), (n, response_len))
+    rows_N = self._named(("batch",), (n,))
+    rep = NamedSharding(self.mesh, PartitionSpec())
+    prefill_fn = jax.jit(prefill, in_shardings=(self._param_shardings, rows_PT, rows_PT),
+                         out_shardings=(cache_sh, rows_NV), compiler_options=opts)
+    decode_fn = jax.jit(decode, in_shardings=(self._param_shardings, cache_sh, rows_NV, rep, rep,
+                                              rep),
+                        out_shardings=(rows_NR, rows_NR, rows_NR, rows_N, cache_sh),
+                        donate_argnums=(1,), compiler_options=opts)
+    return prefill_fn, decode_fn
+
+  def _prefill_fn(self, num_prompts: int, group_size: int, max_length: int):
+    """The prefill to jit: (params, tokens [P, Tp], mask [P, Tp]) -> (the cache of the P
+    prompts repeated G times (N = P * G rows of max_length slots), their next-token fp32
+    logits [N, V])."""
+    model = self.model
 
     def prefill(params, tokens_PT, mask_PT):
       self.num_traces += 1
@@ -354,20 +434,27 @@ class Sampler:
       logits_NV = sharding.constrain(logits_NV, ("activation_batch", "activation_vocab"))
       return out.cache.repeat(group_size), logits_NV
 
-    def sample_step(i, logits_NV, key, row_ids_N, done_N, tokens_NR, logp_NR, mask_NR):
-      u_N = row_uniforms(jax.random.fold_in(key, i), row_ids_N)
-      tok_N, lp_N = sample_logits(logits_NV, u_N, temperature=temperature, top_k=top_k,
-                                  top_p=top_p)
-      active_N = ~done_N
-      tok_N = jnp.where(active_N, tok_N, pad_id)
-      lp_N = jnp.where(active_N, lp_N, 0.0)
-      tokens_NR = jax.lax.dynamic_update_slice(tokens_NR, tok_N[:, None], (0, i))
-      logp_NR = jax.lax.dynamic_update_slice(logp_NR, lp_N[:, None], (0, i))
-      mask_NR = jax.lax.dynamic_update_slice(mask_NR, active_N[:, None], (0, i))
-      if eos_E.size:
-        is_eos_N = jnp.any(tok_N[:, None] == jnp.asarray(eos_E)[None, :], axis=-1)
-        done_N = done_N | (active_N & is_eos_N)
-      return tok_N, done_N, tokens_NR, logp_NR, mask_NR
+    return prefill
+
+  def _next_logits(self, params: Any, cache: KVCache, tok_N: Array, done_N: Array
+                   ) -> tuple[Array, KVCache]:
+    """One decode step of the model: feeds each row's last token [N] (padding for finished
+    rows: never attended, leaves their positions alone) through the cache; returns the next
+    fp32 logits [N, V] and the extended cache."""
+    out = self.model.apply({"params": params}, tok_N[:, None], mask_BT=~done_N[:, None],
+                           cache=cache, return_hidden=True, compute_logits=False)
+    logits_NV = sharding.constrain(self._lm_logits(params, out.hidden[:, 0]),
+                                   ("activation_batch", "activation_vocab"))
+    return logits_NV, out.cache
+
+  def _decode_fn(self, n: int, response_len: int, sample_step: Any):
+    """The decode loop to jit: (params, cache, logits [N, V], key, max_new_tokens,
+    row_offset) -> (tokens [N, R], mask [N, R], logp [N, R], truncated [N], cache).
+
+    A `lax.while_loop` of `sample_step` (a bound `_sample_step`) and `_next_logits` that
+    exits once every row is done or max_new_tokens are drawn.
+    """
+    cfg, pad_id = self.cfg, self.pad_id
 
     def decode(params, cache, logits_NV, key, max_new_tokens, row_offset):
       """Tokens 0 .. max_new_tokens-1; step i feeds token i-1, then samples token i."""
@@ -387,14 +474,10 @@ class Sampler:
 
       def body(carry):
         i, cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR = carry
-        # Finished rows feed padding: it is never attended and leaves their positions alone.
-        out = model.apply({"params": params}, tok_N[:, None], mask_BT=~done_N[:, None],
-                          cache=cache, return_hidden=True, compute_logits=False)
-        logits_NV = sharding.constrain(self._lm_logits(params, out.hidden[:, 0]),
-                                       ("activation_batch", "activation_vocab"))
+        logits_NV, cache = self._next_logits(params, cache, tok_N, done_N)
         tok_N, done_N, tokens_NR, logp_NR, mask_NR = sample_step(
             i, logits_NV, key, row_ids_N, done_N, tokens_NR, logp_NR, mask_NR)
-        return i + 1, out.cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR
+        return i + 1, cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR
 
       if cache.per_layer:
         params = unstack_layer_params(params, cfg.num_layers)
@@ -403,23 +486,7 @@ class Sampler:
       # The cache is returned so its donated input buffers can be reused in place.
       return tokens_NR, mask_NR, logp_NR, ~done_N, cache
 
-    opts = xla_cpu.sampler_options(self.platform)
-    if self.mesh is None:
-      return (jax.jit(prefill, compiler_options=opts),
-              jax.jit(decode, donate_argnums=(1,), compiler_options=opts))
-    cache_sh = self._cache_shardings(n, max_length)
-    rows_PT = self._named(("batch", None), (num_prompts, prompt_len))
-    rows_NV = self._named(("batch", "activation_vocab"), (n, cfg.vocab_size))
-    rows_NR = self._named(("batch", None), (n, response_len))
-    rows_N = self._named(("batch",), (n,))
-    rep = NamedSharding(self.mesh, PartitionSpec())
-    prefill_fn = jax.jit(prefill, in_shardings=(self._param_shardings, rows_PT, rows_PT),
-                         out_shardings=(cache_sh, rows_NV), compiler_options=opts)
-    decode_fn = jax.jit(decode, in_shardings=(self._param_shardings, cache_sh, rows_NV, rep, rep,
-                                              rep),
-                        out_shardings=(rows_NR, rows_NR, rows_NR, rows_N, cache_sh),
-                        donate_argnums=(1,), compiler_options=opts)
-    return prefill_fn, decode_fn
+    return decode
 
   # ---------------------------------------------------------------- public API
 
@@ -441,79 +508,25 @@ class Sampler:
     Returns:
       SampleOutput with N = len(prompts) * group_size rows (device arrays).
     """
-    prompts = [list(map(int, p)) for p in prompts]
-    if not prompts:
-      raise ValueError("prompts is empty; pass at least one prompt.")
-    if any(len(p) == 0 for p in prompts):
-      raise ValueError("Every prompt needs at least one token (e.g. BOS) to condition on.")
-    vocab = self.cfg.vocab_size
-    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
-    if bad:
-      raise ValueError(f"Prompt token ids {sorted(set(bad))[:5]} are outside [0, {vocab}).")
-    if group_size < 1:
-      raise ValueError(f"group_size must be >= 1, got {group_size}.")
-    if max_new_tokens < 1:
-      raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
-    if not temperature >= 0.0:
-      raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
-    if not 0.0 < top_p <= 1.0:
-      raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}.")
-    if top_k < 0:
-      raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}.")
-
-    prompt_len = _pick_bucket(max(len(p) for p in prompts), self.prompt_buckets,
-                              "A prompt length", "shorten the prompt or add a larger bucket to "
-                              "prompt_buckets")
-    if self.response_buckets is None:
-      response_len = int(max_new_tokens)
-    else:
-      response_len = _pick_bucket(int(max_new_tokens), self.response_buckets, "max_new_tokens",
-                                  "lower it or add a larger bucket to response_buckets")
+    prompts = self._checked_prompts(prompts)
+    _check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)
+    prompt_len, response_len = self._bucket_lengths(prompts, max_new_tokens)
     if temperature == 0.0:  # greedy ignores truncation: the argmax survives any of it
       top_p, top_k = 1.0, 0
     num_prompts = len(prompts)
-    per_call = num_prompts
-    if self.rows_per_call is not None:
-      per_call = min(max(1, self.rows_per_call // int(group_size)), num_prompts)
-    num_calls = -(-num_prompts // per_call)
+    per_call, num_calls = self._chunking(num_prompts, group_size)
     # The last chunk is padded with copies of the first prompt (rows dropped below), so every
     # chunk runs the same compiled functions.
     prompts = prompts + [prompts[0]] * (num_calls * per_call - num_prompts)
-    fn_key = (prompt_len, response_len, per_call, int(group_size), float(temperature),
-              float(top_p), int(top_k))
-    if fn_key not in self._fns:
-      self._fns[fn_key] = self._build(
-          prompt_len=prompt_len, response_len=response_len, num_prompts=per_call,
-          group_size=int(group_size), temperature=float(temperature), top_p=float(top_p),
-          top_k=int(top_k))
-    prefill_fn, decode_fn = self._fns[fn_key]
-
-    tokens_PT = np.full((len(prompts), prompt_len), self.pad_id, np.int32)
-    mask_PT = np.zeros((len(prompts), prompt_len), bool)
-    for i, p in enumerate(prompts):
-      tokens_PT[i, prompt_len - len(p):] = p
-      mask_PT[i, prompt_len - len(p):] = True
-    key = _as_typed_key(key)
-    max_new = np.int32(max_new_tokens)
-    rows_per_call = per_call * group_size
-
-    if self.mesh is not None:
-      params = jax.device_put(params, self._param_shardings)
-    outs = []
-    with sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-      for c in range(num_calls):
-        chunk = slice(c * per_call, (c + 1) * per_call)
-        cache, logits_NV = prefill_fn(params, self._put(tokens_PT[chunk], ("batch", None)),
-                                      self._put(mask_PT[chunk], ("batch", None)))
-        outs.append(decode_fn(params, cache, logits_NV, key, max_new,
-                              np.int32(c * rows_per_call))[:4])
-        del cache  # donated
-    if num_calls == 1:
-      tokens_NR, mask_NR, logp_NR, truncated_N = outs[0]
-    else:
-      tokens_NR, mask_NR, logp_NR, truncated_N = (
-          self._rows(jnp.concatenate(parts, axis=0)[:num_prompts * group_size])
-          for parts in zip(*outs))
+    fns = self._compiled_fns(prompt_len=prompt_len, response_len=response_len,
+                             num_prompts=per_call, group_size=int(group_size),
+                             temperature=float(temperature), top_p=float(top_p),
+                             top_k=int(top_k))
+    tokens_PT, mask_PT = _left_pad(prompts, prompt_len, self.pad_id)
+    tokens_NR, mask_NR, logp_NR, truncated_N = self._run_chunks(
+        params, fns, tokens_PT, mask_PT, _as_typed_key(key), max_new_tokens,
+        per_call=per_call, num_calls=num_calls, num_rows=num_prompts * group_size,
+        group_size=group_size)
 
     rows = tokens_NR.sharding  # the prompt side goes where the response rows are
     take = lambda x: np.repeat(x[:num_prompts], group_size, axis=0)
@@ -526,6 +539,75 @@ class Sampler:
       out = apply_stop_strings(out, stop_strings=self.stop_strings, tokenizer=self.tokenizer,
                                pad_id=self.pad_id)
     return out
+
+  def _checked_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
+    """The prompts as lists of Python ints; raises on none, an empty one, or ids outside the
+    vocabulary."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if not prompts:
+      raise ValueError("prompts is empty; pass at least one prompt.")
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError("Every prompt needs at least one token (e.g. BOS) to condition on.")
+    vocab = self.cfg.vocab_size
+    bad = [t for p in prompts for t in p if not 0 <= t < vocab]
+    if bad:
+      raise ValueError(f"Prompt token ids {sorted(set(bad))[:5]} are outside [0, {vocab}).")
+    return prompts
+
+  def _bucket_lengths(self, prompts: list[list[int]], max_new_tokens: int) -> tuple[int, int]:
+    """(prompt bucket Tp fitting the longest prompt, response length R >= max_new_tokens)."""
+    prompt_len = _pick_bucket(max(len(p) for p in prompts), self.prompt_buckets,
+                              "A prompt length", "shorten the prompt or add a larger bucket to "
+                              "prompt_buckets")
+    if self.response_buckets is None:
+      response_len = int(max_new_tokens)
+    else:
+      response_len = _pick_bucket(int(max_new_tokens), self.response_buckets, "max_new_tokens",
+                                  "lower it or add a larger bucket to response_buckets")
+    return prompt_len, response_len
+
+  def _chunking(self, num_prompts: int, group_size: int) -> tuple[int, int]:
+    """(prompts per prefill / decode call, number of calls) under `rows_per_call`."""
+    per_call = num_prompts
+    if self.rows_per_call is not None:
+      per_call = min(max(1, self.rows_per_call // int(group_size)), num_prompts)
+    return per_call, -(-num_prompts // per_call)
+
+  def _compiled_fns(self, *, prompt_len: int, response_len: int, num_prompts: int,
+                    group_size: int, temperature: float, top_p: float, top_k: int
+                    ) -> tuple[Any, Any]:
+    """(prefill, decode) of `_build`, built once per key of its arguments (then cached)."""
+    fn_key = (prompt_len, response_len, num_prompts, group_size, temperature, top_p, top_k)
+    if fn_key not in self._fns:
+      self._fns[fn_key] = self._build(
+          prompt_len=prompt_len, response_len=response_len, num_prompts=num_prompts,
+          group_size=group_size, temperature=temperature, top_p=top_p, top_k=top_k)
+    return self._fns[fn_key]
+
+  def _run_chunks(self, params: Any, fns: tuple[Any, Any], tokens_PT: np.ndarray,
+                  mask_PT: np.ndarray, key: Array, max_new_tokens: int, *, per_call: int,
+                  num_calls: int, num_rows: int, group_size: int
+                  ) -> tuple[Array, Array, Array, Array]:
+    """Prefills and decodes the left-padded prompts [num_calls * per_call, Tp] in num_calls
+    chunks of per_call prompts; returns the first num_rows rows of (tokens [N, R], mask
+    [N, R], logp [N, R], truncated [N]), the chunks' rows concatenated."""
+    prefill_fn, decode_fn = fns
+    max_new = np.int32(max_new_tokens)
+    rows_per_call = per_call * group_size
+    if self.mesh is not None:
+      params = jax.device_put(params, self._param_shardings)
+    outs = []
+    with sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      for c in range(num_calls):
+        chunk = slice(c * per_call, (c + 1) * per_call)
+        cache, logits_NV = prefill_fn(params, self._put(tokens_PT[chunk], ("batch", None)),
+                                      self._put(mask_PT[chunk], ("batch", None)))
+        outs.append(decode_fn(params, cache, logits_NV, key, max_new,
+                              np.int32(c * rows_per_call))[:4])
+        del cache  # donated
+    if num_calls == 1:
+      return outs[0]
+    return tuple(self._rows(jnp.concatenate(parts, axis=0)[:num_rows]) for parts in zip(*outs))
 
 
 def _stop_index(ids: list[int], stop_strings: Sequence[str], tokenizer: Any) -> Optional[int]:

@@ -373,6 +373,74 @@ def _attend_jax(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
                                       scale=1.0)  # q is pre-scaled
 
 
+def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, mask_BTT: Array,
+                     cfg: ModelConfig) -> Array:
+  """Attention of T tokens among themselves (no cache, or an empty one): [B, T, N, H].
+
+  Long inputs attend by causal blocks (`_attend_causal_blocks`): the key slot equals the
+  query slot index, so the causally masked blocks are known statically.
+  """
+  if cfg.attention_impl == "jax":
+    attend = _attend_jax
+  elif 0 < cfg.attention_block_size < q_BTNH.shape[1]:
+    attend = _attend_causal_blocks  # key slot == query slot index: causal blocks are static
+  else:
+    attend = _attend_einsum
+  return attend(q_BTNH, k_BKTH, v_BKTH, mask_BTT, cfg)
+
+
+def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
+                          layer_cache: tuple[Array, Array, Array], mask_BTS: Array,
+                          cfg: ModelConfig) -> tuple[Array, tuple[Array, Array]]:
+  """Per-layer cache: writes the new keys / values [B, K, T, H] at slots [index, index + T) of
+  the layer's own (k [B, K, H, S], v [B, K, S, H], index), then attends over the cache alone
+  (`mask_BTS` covers the new slots). Returns (out [B, T, N, H], the written (k, v)).
+
+  Write first, then read: a write after the read made XLA copy each layer's buffer twice per
+  step (see `Decoder._unrolled_layers`).
+  """
+  ck, cv, index = layer_cache
+  ck = jax.lax.dynamic_update_slice(ck, k_BKTH.transpose(0, 1, 3, 2).astype(ck.dtype),
+                                    (0, 0, 0, index))
+  cv = jax.lax.dynamic_update_slice(cv, v_BKTH.astype(cv.dtype), (0, 0, index, 0))
+  ck = sharding.constrain(ck, CACHE_BKHS)
+  cv = sharding.constrain(cv, CACHE_BKSH)
+  if cfg.attention_impl == "jax":
+    out_BTNH = _attend_jax(q_BTNH, ck.transpose(0, 1, 3, 2).astype(cfg.dtype),
+                           cv.astype(cfg.dtype), mask_BTS, cfg)
+  else:
+    out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask_BTS,
+                              cfg, keys_hs=True)
+  return out_BTNH, (ck, cv)
+
+
+def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
+                            layer_cache: tuple[Array, Array], mask_BTS: Array,
+                            mask_new_BTT: Array, cfg: ModelConfig
+                            ) -> tuple[Array, Array, Array]:
+  """Stacked cache: attends over the layer's read-only cache (k [B, K, H, S], v [B, K, S, H],
+  masked by `mask_BTS`) and the T new tokens (`mask_new_BTT`) in one softmax.
+
+  Returns (out [B, T, N, H], k [B, K, T, H], v [B, K, T, H]): the new keys / values rounded
+  to the cache dtype, which the decoder writes into the cache after the layer scan.
+  """
+  ck = sharding.constrain(layer_cache[0], CACHE_BKHS).astype(cfg.dtype)
+  cv = sharding.constrain(layer_cache[1], CACHE_BKSH).astype(cfg.dtype)
+  # Rounded to the cache dtype, so attending to a token now and later from the cache gives
+  # the same result.
+  k_BKTH = k_BKTH.astype(layer_cache[0].dtype).astype(k_BKTH.dtype)
+  v_BKTH = v_BKTH.astype(layer_cache[1].dtype).astype(v_BKTH.dtype)
+  if cfg.attention_impl == "jax":
+    out_BTNH = _attend_jax(
+        q_BTNH, jnp.concatenate([ck.transpose(0, 1, 3, 2), k_BKTH], axis=2),
+        jnp.concatenate([cv, v_BKTH], axis=2),
+        jnp.concatenate([mask_BTS, mask_new_BTT], axis=2), cfg)
+  else:
+    out_BTNH = _attend_cached_einsum(q_BTNH, ck, cv, mask_BTS, k_BKTH, v_BKTH, mask_new_BTT,
+                                     cfg)
+  return out_BTNH, k_BKTH, v_BKTH
+
+
 class Attention(nn.Module):
   """GQA self-attention with RoPE, optional q/k/v (and o) bias, optional KV cache.
 
@@ -395,6 +463,25 @@ class Attention(nn.Module):
     """With a cache, `mask_BTS` masks its S slots and `mask_new_BTT` the T new tokens; without
     one, `mask_BTS` is [B, T, T] over the new tokens."""
     cfg = self.cfg
+    q_BTNH, k_BKTH, v_BKTH = self._qkv(x_BTD, sin_BTh, cos_BTh)
+    if layer_cache is not None and len(layer_cache) == 3:  # per-layer cache: write, then read
+      out_BTNH, new_kv = _attend_written_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache, mask_BTS,
+                                               cfg)
+    else:
+      if layer_cache is None:
+        out_BTNH = _attend_no_cache(q_BTNH, k_BKTH, v_BKTH, mask_BTS, cfg)
+      else:
+        out_BTNH, k_BKTH, v_BKTH = _attend_read_only_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache,
+                                                           mask_BTS, mask_new_BTT, cfg)
+      new_kv = (k_BKTH.transpose(0, 1, 3, 2), v_BKTH) if self.return_kv else None
+    out_BTNH = sharding.constrain(out_BTNH, ACT_BTNH)
+    out = Linear(cfg, (cfg.num_heads, cfg.head_dim), (cfg.hidden_size,), ("q_heads", "head_dim"),
+                 ("embed",), cfg.o_bias, name="o_proj")(out_BTNH)
+    return out, new_kv
+
+  def _qkv(self, x_BTD: Array, sin_BTh: Array, cos_BTh: Array) -> tuple[Array, Array, Array]:
+    """Projections with RoPE: q [B, T, N, H] (pre-scaled by H^-1/2), k and v [B, K, T, H]."""
+    cfg = self.cfg
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     q = Linear(cfg, (d,), (n, h), ("embed",), ("q_heads", "head_dim"), cfg.qkv_bias,
                name="q_proj")(x_BTD)
@@ -408,51 +495,7 @@ class Attention(nn.Module):
     k_BKTH = sharding.constrain(
         rope.apply_rope(kk, sin_BTh, cos_BTh).transpose(0, 2, 1, 3), ACT_BKTH)
     v_BKTH = sharding.constrain(v.transpose(0, 2, 1, 3), ACT_BKTH)
-    write_first = layer_cache is not None and len(layer_cache) == 3
-    if write_first:
-      ck, cv, index = layer_cache
-      ck = jax.lax.dynamic_update_slice(ck, k_BKTH.transpose(0, 1, 3, 2).astype(ck.dtype),
-                                        (0, 0, 0, index))
-      cv = jax.lax.dynamic_update_slice(cv, v_BKTH.astype(cv.dtype), (0, 0, index, 0))
-      ck = sharding.constrain(ck, CACHE_BKHS)
-      cv = sharding.constrain(cv, CACHE_BKSH)
-      if cfg.attention_impl == "jax":
-        out_BTNH = _attend_jax(q_BTNH, ck.transpose(0, 1, 3, 2).astype(cfg.dtype),
-                               cv.astype(cfg.dtype), mask_BTS, cfg)
-      else:
-        out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask_BTS,
-                                  cfg, keys_hs=True)
-    elif layer_cache is None:
-      if cfg.attention_impl == "jax":
-        attend = _attend_jax
-      elif 0 < cfg.attention_block_size < x_BTD.shape[1]:
-        attend = _attend_causal_blocks  # key slot == query slot index: causal blocks are static
-      else:
-        attend = _attend_einsum
-      out_BTNH = attend(q_BTNH, k_BKTH, v_BKTH, mask_BTS, cfg)
-    else:
-      ck = sharding.constrain(layer_cache[0], CACHE_BKHS).astype(cfg.dtype)
-      cv = sharding.constrain(layer_cache[1], CACHE_BKSH).astype(cfg.dtype)
-      # Rounded to the cache dtype, so attending to a token now and later from the cache
-      # gives the same result.
-      k_BKTH = k_BKTH.astype(layer_cache[0].dtype).astype(k_BKTH.dtype)
-      v_BKTH = v_BKTH.astype(layer_cache[1].dtype).astype(v_BKTH.dtype)
-      if cfg.attention_impl == "jax":
-        out_BTNH = _attend_jax(
-            q_BTNH, jnp.concatenate([ck.transpose(0, 1, 3, 2), k_BKTH], axis=2),
-            jnp.concatenate([cv, v_BKTH], axis=2),
-            jnp.concatenate([mask_BTS, mask_new_BTT], axis=2), cfg)
-      else:
-        out_BTNH = _attend_cached_einsum(q_BTNH, ck, cv, mask_BTS, k_BKTH, v_BKTH, mask_new_BTT,
-                                         cfg)
-    if write_first:
-      new_kv = (ck, cv)
-    else:
-      new_kv = (k_BKTH.transpose(0, 1, 3, 2), v_BKTH) if self.return_kv else None
-    out_BTNH = sharding.constrain(out_BTNH, ACT_BTNH)
-    out = Linear(cfg, (n, h), (d,), ("q_heads", "head_dim"), ("embed",), cfg.o_bias,
-                 name="o_proj")(out_BTNH)
-    return out, new_kv
+    return q_BTNH, k_BKTH, v_BKTH
 
 
 class Block(nn.Module):
@@ -510,6 +553,100 @@ def default_positions(mask_BT: Array, start_B: Optional[Array] = None) -> Array:
   return jnp.maximum(pos, 0)
 
 
+def _check_cache(cache: KVCache, b: int, t: int) -> None:
+  """Raises if [B, T] tokens do not fit `cache` (static shapes inside jit cannot raise)."""
+  if cache.batch_size != b:
+    raise ValueError(f"cache has batch size {cache.batch_size}, tokens have {b}.")
+  if t > cache.max_length:
+    raise ValueError(f"{t} tokens do not fit a cache of max_length {cache.max_length}.")
+
+
+class _Masks(NamedTuple):
+  """What the layers read, from `_attention_masks`.
+
+  layer_caches: (cache.k, cache.v) for the layers to read, None when they read no cache (no
+    cache, or an empty one). mask_BTS: [B, T, S] over the cache's slots (or [B, T, T] over the
+    new tokens when the layers read no cache). mask_new_BTT: [B, T, T] over the new tokens
+    when the layers read a stacked cache, else None. new_seg_BS: [B, S] segment ids of the
+    cache's slots once the new tokens are in (the returned cache's); None without a cache.
+  """
+
+  layer_caches: Optional[tuple[Any, Any]]
+  mask_BTS: Array
+  mask_new_BTT: Optional[Array]
+  new_seg_BS: Optional[Array]
+
+
+def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bool) -> _Masks:
+  """Attention masks of [B, T] tokens with segment ids `seg_BT` (0 = padding): same segment,
+  key not padding, key at or before the query; over the new tokens and / or the cache's slots,
+  as the layers read them (see `_Masks`)."""
+  b, t = seg_BT.shape
+
+  def same_segment(seg_k_BS):
+    return (seg_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
+
+  causal_TT = jnp.tril(jnp.ones((t, t), bool))
+  if cache is None:
+    return _Masks(None, same_segment(seg_BT) & causal_TT[None], None, None)
+  _check_cache(cache, b, t)
+  index = cache.index
+  new_seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
+  if cache_is_empty:
+    return _Masks(None, same_segment(seg_BT) & causal_TT[None], None, new_seg_BS)
+  if cache.per_layer:
+    # Each layer writes the new slots first, then reads its cache (_unrolled_layers): the
+    # mask covers the written slots up to each query's own.
+    upto_TS = jnp.arange(cache.max_length)[None, :] <= index + jnp.arange(t)[:, None]
+    return _Masks((cache.k, cache.v), same_segment(new_seg_BS) & upto_TS[None], None,
+                  new_seg_BS)
+  # The cache's own slots (those before index; later ones are empty) and the new tokens
+  # separately: the layers read the cache and never write it (_attend_cached_einsum).
+  written_S = jnp.arange(cache.max_length) < index
+  mask_BTS = same_segment(cache.segment_ids) & written_S[None, None, :]
+  mask_new_BTT = same_segment(seg_BT) & causal_TT[None]
+  return _Masks((cache.k, cache.v), mask_BTS, mask_new_BTT, new_seg_BS)
+
+
+def _write_new_kv(cache: KVCache, new_kv: Any, layers_wrote: bool) -> tuple[Any, Any]:
+  """The cache's (k, v) with every layer's T new slots written at [index, index + T).
+
+  new_kv: the layers' (k, v): written per-layer buffers when `layers_wrote` (the unrolled
+  path), else the new slots stacked [L, B, K, H, T] / [L, B, K, T, H] (the scan). One in-place
+  write (the cache buffer is donated / a loop carry, so XLA updates it without a copy).
+  """
+  index = cache.index
+  if cache.per_layer and layers_wrote:  # written by the layers
+    return tuple(new_kv[0]), tuple(new_kv[1])
+  if cache.per_layer:  # a prefill: the scan's stacked [L, ...] new slots
+    new_k = tuple(jax.lax.dynamic_update_slice(
+        ck, new_kv[0][i].astype(ck.dtype), (0, 0, 0, index)) for i, ck in enumerate(cache.k))
+    new_v = tuple(jax.lax.dynamic_update_slice(
+        cv, new_kv[1][i].astype(cv.dtype), (0, 0, index, 0)) for i, cv in enumerate(cache.v))
+    return new_k, new_v
+  new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype),
+                                       (0, 0, 0, 0, index))
+  new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype),
+                                       (0, 0, 0, index, 0))
+  return new_k, new_v
+
+
+def _updated_cache(cache: KVCache, masks: _Masks, new_kv: Any, seg_BT: Array,
+                   positions_BT: Array) -> KVCache:
+  """`cache` after the [B, T] new tokens: their keys / values and segment ids in slots
+  [index, index + T), index + T, and each row's next RoPE position (unchanged for a row of
+  padding only)."""
+  valid_BT = seg_BT != 0
+  last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
+  new_k, new_v = _write_new_kv(cache, new_kv, masks.layer_caches is not None)
+  return KVCache(
+      k=new_k, v=new_v,
+      segment_ids=masks.new_seg_BS,
+      index=cache.index + seg_BT.shape[1],
+      next_position=jnp.where(jnp.any(valid_BT, axis=1), last_pos_B + 1,
+                              cache.next_position))
+
+
 class Decoder(nn.Module):
   """Llama / Qwen2 decoder-only LM. See the module docstring for the calling convention."""
 
@@ -537,103 +674,57 @@ class Decoder(nn.Module):
       DecoderOutput(logits [B, T, V] in cfg.logits_dtype, updated cache, hidden).
     """
     cfg = self.cfg
-    b, t = tokens_BT.shape
-    seg_BT = _segments(mask_BT, (b, t))
+    seg_BT = _segments(mask_BT, tokens_BT.shape)
     if positions_BT is None:
       positions_BT = default_positions(seg_BT, None if cache is None else cache.next_position)
     sin_BTh, cos_BTh = rope.sin_cos(positions_BT, cfg)
-
-    # Attention masks: same segment, key not padding, key at or before the query.
-    def same_segment(seg_k_BS):
-      return (seg_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
-
-    causal_TT = jnp.tril(jnp.ones((t, t), bool))
-    if cache is None:
-      layer_caches, index = None, None
-      mask_BTS, mask_new_BTT = same_segment(seg_BT) & causal_TT[None], None
-    else:
-      if cache.batch_size != b:
-        raise ValueError(f"cache has batch size {cache.batch_size}, tokens have {b}.")
-      if t > cache.max_length:
-        raise ValueError(f"{t} tokens do not fit a cache of max_length {cache.max_length}.")
-      index = cache.index
-      # Segment ids of the cache's slots once the T new tokens are in (the returned cache's).
-      new_seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
-      if cache_is_empty:
-        layer_caches = None
-        mask_BTS, mask_new_BTT = same_segment(seg_BT) & causal_TT[None], None
-      elif cache.per_layer:
-        # Each layer writes the new slots first, then reads its cache (_unrolled_layers): the
-        # mask covers the written slots up to each query's own.
-        layer_caches = (cache.k, cache.v)
-        upto_TS = jnp.arange(cache.max_length)[None, :] <= index + jnp.arange(t)[:, None]
-        mask_BTS, mask_new_BTT = same_segment(new_seg_BS) & upto_TS[None], None
-      else:
-        layer_caches = (cache.k, cache.v)
-        # The cache's own slots (those before index; later ones are empty) and the new tokens
-        # separately: the layers read the cache and never write it (_attend_cached_einsum).
-        written_S = jnp.arange(cache.max_length) < index
-        mask_BTS = same_segment(cache.segment_ids) & written_S[None, None, :]
-        mask_new_BTT = same_segment(seg_BT) & causal_TT[None]
+    masks = _attention_masks(seg_BT, cache, cache_is_empty)
 
     embed = Embed(cfg, name="embed_tokens")
     x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
-
-    if layer_caches is not None and cache.per_layer:
-      x_BTD, new_kv = self._unrolled_layers(x_BTD, layer_caches, index, sin_BTh, cos_BTh,
-                                            mask_BTS)
+    if masks.layer_caches is not None and cache.per_layer:
+      x_BTD, new_kv = self._unrolled_layers(x_BTD, masks.layer_caches, cache.index, sin_BTh,
+                                            cos_BTh, masks.mask_BTS)
     else:
-      block = Block
-      if cfg.remat_policy != "none":
-        block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
-      layers = nn.scan(
-          block,
-          variable_axes={"params": 0},
-          split_rngs={"params": True},
-          in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-          length=cfg.num_layers,
-          unroll=min(cfg.scan_unroll, cfg.num_layers),
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, cache is not None, name="layers")
-      x_BTD, new_kv = layers(x_BTD, layer_caches, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT)
-
+      x_BTD, new_kv = self._scanned_layers(x_BTD, masks, cache is not None, sin_BTh, cos_BTh)
     hidden_BTD = RMSNorm(cfg, name="norm")(x_BTD)
 
-    logits = None
-    if compute_logits:
-      if cfg.tie_word_embeddings:
-        logits = embed.attend(hidden_BTD)
-      else:
-        logits = Linear(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",),
-                        fp32_accumulation=True, name="lm_head")(hidden_BTD)
-      logits = sharding.constrain(logits.astype(cfg.logits_dtype), ACT_BTV)
-
+    logits = self._lm_head(embed, hidden_BTD) if compute_logits else None
     new_cache = None
     if cache is not None:
-      valid_BT = seg_BT != 0
-      last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
-      # One in-place write of every layer's T new slots (the cache buffer is donated / a loop
-      # carry, so XLA updates it without a copy).
-      if cache.per_layer and layer_caches is not None:  # written by the layers
-        new_k, new_v = tuple(new_kv[0]), tuple(new_kv[1])
-      elif cache.per_layer:  # a prefill: the scan's stacked [L, ...] new slots
-        new_k = tuple(jax.lax.dynamic_update_slice(
-            ck, new_kv[0][i].astype(ck.dtype), (0, 0, 0, index)) for i, ck in enumerate(cache.k))
-        new_v = tuple(jax.lax.dynamic_update_slice(
-            cv, new_kv[1][i].astype(cv.dtype), (0, 0, index, 0)) for i, cv in enumerate(cache.v))
-      else:
-        new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype),
-                                             (0, 0, 0, 0, index))
-        new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype),
-                                             (0, 0, 0, index, 0))
-      new_cache = KVCache(
-          k=new_k, v=new_v,
-          segment_ids=new_seg_BS,
-          index=index + t,
-          next_position=jnp.where(jnp.any(valid_BT, axis=1), last_pos_B + 1,
-                                  cache.next_position))
+      new_cache = _updated_cache(cache, masks, new_kv, seg_BT, positions_BT)
     return DecoderOutput(logits=logits, cache=new_cache,
                          hidden=hidden_BTD if return_hidden else None)
+
+  def _scanned_layers(self, x_BTD: Array, masks: _Masks, return_kv: bool, sin_BTh: Array,
+                      cos_BTh: Array) -> tuple[Array, Any]:
+    """The layers as one `nn.scan` (remat per `cfg.remat_policy`): x [B, T, D] -> (x, the
+    stacked new (k [L, B, K, H, T], v [L, B, K, T, H]) if return_kv, else None)."""
+    cfg = self.cfg
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+    layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_layers,
+        unroll=min(cfg.scan_unroll, cfg.num_layers),
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, return_kv, name="layers")
+    return layers(x_BTD, masks.layer_caches, sin_BTh, cos_BTh, masks.mask_BTS,
+                  masks.mask_new_BTT)
+
+  def _lm_head(self, embed: Embed, hidden_BTD: Array) -> Array:
+    """Logits [B, T, V] in cfg.logits_dtype: the tied embedding or `lm_head`, fp32 accumulation."""
+    cfg = self.cfg
+    if cfg.tie_word_embeddings:
+      logits = embed.attend(hidden_BTD)
+    else:
+      logits = Linear(cfg, (cfg.hidden_size,), (cfg.vocab_size,), ("embed",), ("vocab",),
+                      fp32_accumulation=True, name="lm_head")(hidden_BTD)
+    return sharding.constrain(logits.astype(cfg.logits_dtype), ACT_BTV)
 
   def _unrolled_layers(self, x_BTD: Array, layer_caches: tuple[Any, Any], index: Array,
                        sin_BTh: Array, cos_BTh: Array, mask_BTS: Array
