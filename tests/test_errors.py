@@ -96,8 +96,9 @@ def _truncate(path, size):
     (("--config=configs/tiny.py", "unexpected"), ("Unexpected arguments", "unexpected")),
 ], ids=["missing_config_file", "bad_config_arg", "misspelt_key", "unparsable_value", "nan_lr",
         "eta_zero", "prompt_buckets", "group_size_1", "mesh", "extra_argument"])
-def test_math_rl_errors_are_one_line(args, needles):
-  _one_line_error(_math_rl(*args), "math_rl", *needles)
+def test_math_rl_errors_are_one_line(args, needles, tmp_path):
+  # A fresh workdir: a run left in the default one would be refused first (run_dir guard).
+  _one_line_error(_math_rl(*args, f"--config.workdir={tmp_path}"), "math_rl", *needles)
 
 
 def test_verbose_shows_the_traceback():

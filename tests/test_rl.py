@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import pathlib
 
 import jax
 import numpy as np
@@ -426,6 +427,54 @@ def test_killed_run_resumes_to_the_same_result(tmp_path, compile_cache, lad_run)
   samples = metrics_lib.read_jsonl(os.path.join(resumed.workdir, "samples.jsonl"))
   assert [r["step"] for r in samples] == [1] * 4 + [2] * 4
   assert all(r["reward"] >= 0 for r in samples)
+
+
+def _flip_largest_file(directory, count=400):
+  """Flips `count` bytes in the middle of the largest file under `directory` (same size)."""
+  files = [os.path.join(d, f) for d, _, names in os.walk(directory) for f in names]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    f.seek(os.path.getsize(path) // 2)
+    data = f.read(count)
+    f.seek(os.path.getsize(path) // 2)
+    f.write(bytes(b ^ 0xFF for b in data))
+  return path
+
+
+def test_damaged_checkpoint_falls_back_and_replays(tmp_path, compile_cache, lad_run, caplog):
+  """Bytes flipped in the latest checkpoint: the rerun warns, moves it aside, restores step 1,
+  replays step 2, and ends with the uninterrupted run's parameters."""
+  _, params_uninterrupted, _ = lad_run
+  for steps in (1, 2):
+    config = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
+    config.train.num_steps = steps
+    rl.train_and_evaluate(config, task=fake_task())
+  _flip_largest_file(tmp_path / "checkpoints" / "2")
+  state, _ = rl.train_and_evaluate(tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache),
+                                   task=fake_task())
+  jax.tree.map(np.testing.assert_array_equal, _params(state), params_uninterrupted)
+  assert any("checkpoint step 2" in r.getMessage() and "damaged" in r.getMessage()
+             for r in caplog.records)
+  assert os.path.isdir(tmp_path / "checkpoints.damaged" / "2")
+  # One config file per start: fresh, resumed after step 1, and again after step 1.
+  assert set(os.listdir(tmp_path / "configs")) == {"start_0.json", "start_1.json",
+                                                   "start_1.1.json"}
+
+
+def test_workdir_of_another_run_is_refused_or_archived(tmp_path, compile_cache, lad_run):
+  config, _, _ = lad_run
+  other = tiny_config(pathlib.Path(config.workdir), "grpo", compile_cache_dir=compile_cache)
+  with pytest.raises(rl.ConfigError, match="loss.name: \"lad\" -> \"grpo\""):
+    rl.train_and_evaluate(other, task=fake_task())
+  fresh = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
+  fresh.train.num_steps = 0
+  fresh.eval.before_train = True
+  rl.train_and_evaluate(fresh, task=fake_task())
+  fresh.checkpoint.resume = False  # starting over moves the earlier run aside
+  fresh.seed = 1
+  rl.train_and_evaluate(fresh, task=fake_task())
+  (archived,) = os.listdir(tmp_path / "previous")
+  assert "metrics.jsonl" in os.listdir(tmp_path / "previous" / archived)
 
 
 def test_summary_and_eval_before_training(tmp_path, compile_cache, lad_run):
