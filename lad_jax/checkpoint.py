@@ -11,10 +11,11 @@ device in one jitted reduction (each leaf bitcast to uint32 words, each word mix
 position, summed mod 2^32 in two lanes), so sharded and multi-host arrays are never gathered.
 
   * `save` refuses a state with a non-finite floating leaf (`NonFiniteStateError`, nothing is
-    written) and, by default, waits for the write so a failure (full disk, lost mount) stops the
-    run at once as one `SaveError` line; the last good checkpoint stays untouched. (Waiting costs
-    the write time: ~9-17 s for a 135M-parameter fp32 + Adam state, 1.6 GB, on a 2-core CPU box,
-    against ~0.2 s for an asynchronous save; `wait=False` + `check()` each step keeps the overlap.)
+    written). With `wait=True` (the default; the RL loop's choice on several hosts) it waits for
+    the write, so a failure (full disk, lost mount) raises one `SaveError` line from that call;
+    with `wait=False` the write overlaps training and `check()`, called every step, raises it at
+    the next step boundary. Either way the last good checkpoint stays untouched. Waiting costs
+    the whole write time, which for a large state is seconds per checkpoint.
   * `restore_latest_intact` recomputes the fingerprint of what it read; a damaged checkpoint
     (checksum mismatch, non-finite values, unreadable or truncated files) is moved aside to
     `<directory>.damaged/` with a one-line warning and the next older one is tried.

@@ -40,9 +40,8 @@ Per-layer cache (`per_layer_cache`, the default on CPU): the cache is one buffer
 the decode step runs the layers unrolled, each writing its new slot in place and then reading
 its own buffer; the layer scan instead copies every layer's cache (and weights) out of the
 stacked arrays at every step. The layer weights are sliced once per call before the loop (one
-extra copy of them while decoding), and the unrolled program compiles ~2x longer. With the
-XLA:CPU options of `xla_cpu.sampler_options`, 27.0 -> 21.1 s for 64 tokens of 128 rows of
-SmolLM2-135M (in-process A/B); the rollouts are the same up to float rounding.
+extra copy of them while decoding), and the unrolled program compiles ~2x longer; the rollouts
+are the same up to float rounding (speed: the README's results, benchmarks/sampler_vs_hf.py).
 
 Memory: the cache holds N = num_prompts * G rows of Tp + R slots. At paper scale (256 prompts x 8
 x 8192 tokens) that exceeds any accelerator, so `rows_per_call` runs the prompts in chunks of
@@ -175,9 +174,9 @@ def categorical_from_uniform(u_N: Array, logits_NV: Array) -> Array:
   """Inverse-CDF draw of each row of softmax(logits_NV) at its uniform u_N in [0, 1): [N] int32.
 
   Same distribution as `jax.random.categorical`, from one uniform per row instead of N * V
-  Gumbel variates: generating those random bits cost ~0.4 s per step at N = 128, V = 49152 on
-  CPU, more than the model's matmuls. The CDF is taken in blocks of 512 ids (block totals, then
-  within the chosen block) because a flat cumsum over V is 2.5x slower on XLA:CPU. -inf logits
+  Gumbel variates, whose random bits cost more than the model's matmuls on CPU at N = 128,
+  V = 49152. The CDF is taken in blocks of 512 ids (block totals, then within the chosen block)
+  because a flat cumsum over V is slower on XLA:CPU. -inf logits
   have zero mass and are never drawn.
   """
   n, v = logits_NV.shape

@@ -6,9 +6,8 @@
 
 By default XLA:CPU (jax 0.10) fuses a dot with the reductions and elementwise ops around it into
 one YNNPACK fusion. For decoding that is a loss: the LM head fused with the softmax's row max
-runs at a third of the plain matmul's speed (128 x 576 x 49152: 105 ms vs 44 ms), and 64 tokens
-of 128 rows of SmolLM2-135M took 25.3 s instead of 30.9 s with dots left unfused (in-process
-A/B, best of 3).
+runs at a fraction of the plain matmul's speed, so the sampler leaves dots unfused (timings:
+the README's sampler results).
 """
 
 from __future__ import annotations
@@ -61,10 +60,10 @@ def retain_freed_memory() -> bool:
 
   XLA:CPU allocates each execution's temporaries (1.8 GB for a SmolLM2-135M train step) with
   malloc from a worker thread. glibc serves a request that large from a thread's arena with a
-  fresh mmap and munmaps it on free, so every step page-faults all of it again: 460k faults and
-  ~0.9 s of system time per 3.7 s step. One arena, no mmap and no trimming keep the memory
-  mapped: 0 faults in steady state, 3.1-3.4 s per step; a step that lands its temporaries on
-  fresh heap pages (seen in the first few steps next to torch) still faults them all in.
+  fresh mmap and munmaps it on free, so every step page-faults all of it again (a large share
+  of the step in system time). One arena, no mmap and no trimming keep the memory mapped: no
+  faults in steady state; a step that lands its temporaries on fresh heap pages (seen in the
+  first few steps next to torch) still faults them all in (figures: the README's results).
   The process's resident memory then stays at its peak.
 
   Call it before JAX starts its threads (first thing in an entry point); it affects the whole

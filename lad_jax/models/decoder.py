@@ -208,9 +208,8 @@ def project(x: Array, kernel: Array, n_in: int, preferred: Any = None,
   library wants the contracting dim last on the left, so it materialises a transposed copy of
   the left operand: of the small layer input x here, instead of the gradient dy, which it
   fused with the gradient's elementwise producer (the SwiGLU derivative) into a strided loop
-  (7.5 ms per layer at 512 tokens, more than the matmul). Measured on SmolLM2-135M, 512
-  tokens, 2 CPU cores: train step 3.09 -> 2.68 s. GPU and TPU backends fold operand
-  transposes into their matmuls, so the order should not matter there (not measured).
+  that cost more than the matmul (timings: the README's train-step results). GPU and TPU
+  backends fold operand transposes into their matmuls, so the order should not matter there.
 
   Remat policies see the forward dot_general (differentiation inlines the forward rule), so
   "dots" still saves its output.
@@ -733,7 +732,7 @@ class Decoder(nn.Module):
 
     Each layer writes its new slots into its own cache buffer in place and then reads it: the
     scan has to slice layer l out of the stacked [L, ...] cache, a copy of the whole cache
-    every decode step (85 of ~400 ms per SmolLM2 step at 128 rows on CPU). Writing before
+    every decode step (a fifth of a SmolLM2 decode step on CPU). Writing before
     reading matters: a write after the read (as the scan path does) made XLA copy every
     layer's buffer twice per step to keep the read safe. Costs an L-times larger program
     (compile time).
