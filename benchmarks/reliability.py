@@ -62,8 +62,11 @@ def _fingerprint(workdir: str, step: int) -> Optional[dict]:
 
 def _all_finite(workdir: str) -> bool:
   paths = glob.glob(os.path.join(workdir, "checkpoints", "*", "fingerprint", "metadata"))
-  return all(all(leaf["finite"] for leaf in json.load(open(p, encoding="utf-8")).values())
-             for p in paths)
+  finite = []
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      finite += [leaf["finite"] for leaf in json.load(f)["leaves"].values()]
+  return all(finite)
 
 
 def _kill_when(workdir: str, ready: Callable[[], bool], *, delay_s: float = 0.0) -> int:
@@ -193,7 +196,7 @@ def main() -> None:
     sys.exit(f"the uninterrupted run failed:\n{ref.stderr[-2000:]}")
   p = Probe(base, _fingerprint(ref_dir, STEPS))
   kill_and_resume(p, "mid_compile", lambda wd: True, delay_s=3.0)
-  kill_and_resume(p, "mid_step", _finished, delay_s=1.0)
+  kill_and_resume(p, "mid_step", lambda wd: _finished(wd) and _steps_done(wd) == 1, delay_s=0.0)
   kill_and_resume(p, "mid_save", _saving, delay_s=0.0)
   damaged_checkpoint(p, "flip")
   damaged_checkpoint(p, "truncate")

@@ -15,6 +15,7 @@ LAD_VERBOSE=1) shows the full traceback of the known errors too.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -143,8 +144,14 @@ def _check_config_files(argv: Sequence[str]) -> None:
 
 
 def fail(prog: str, message: Any) -> None:
-  """Prints `<prog>: error: <message>` as one line on stderr and exits with status 2."""
+  """Prints `<prog>: error: <message>` as one line on stderr and exits with status 2.
+
+  Nothing is logged after it: background work the error left unfinished (e.g. orbax's parallel
+  writes of a failed save, reported by asyncio when their tasks are collected at exit) would
+  otherwise bury the line under its tracebacks. `--verbose` / LAD_VERBOSE=1 keeps them.
+  """
   print(f"{prog}: error: {one_line(message)}", file=sys.stderr, flush=True)
+  logging.disable(logging.CRITICAL)
   sys.exit(EXIT_STATUS)
 
 
