@@ -313,11 +313,7 @@ def _kill_uid(uid: int, uid_end: int, timeout_s: float = 2.0) -> None:
     pids = sandbox_pids_alive(uid, uid_end)
     if not pids or time.monotonic() > deadline:
       return
-    for pid in pids:
-      try:
-        os.kill(pid, signal.SIGKILL)
-      except (ProcessLookupError, PermissionError):
-        pass
+    _sigkill(pids)
     time.sleep(0.005)
 
 
@@ -438,11 +434,7 @@ def _remove_cgroup(path: str, timeout_s: float = 2.0) -> None:
         pids = [int(p) for p in f.read().split()]
     except OSError:
       pids = []
-    for pid in pids:
-      try:
-        os.kill(pid, signal.SIGKILL)
-      except (ProcessLookupError, PermissionError):
-        pass
+    _sigkill(pids)
     time.sleep(0.002)
 
 
@@ -718,6 +710,15 @@ class Sandbox:
     passed = (outcome.status == OK and outcome.returncode == 0
               and outcome.verdict == token.encode())
     return passed, outcome
+
+
+def _sigkill(pids) -> None:
+  """SIGKILL each pid; one that already exited (or is not ours to signal) is skipped."""
+  for pid in pids:
+    try:
+      os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+      pass
 
 
 def sandbox_pids_alive(uid_min: int = _UID_BASE, uid_max: int = _UID_BASE + _UID_SPAN) -> list[int]:
