@@ -201,7 +201,7 @@ def base_config() -> ConfigDict:
   c.log = ConfigDict()
   c.log.tensorboard = True
   c.log.progress_bar = True
-  c.log.samples = 4  # rollouts per step written to <workdir>/samples.jsonl
+  c.log.samples = 4  # rollouts per step written to <workdir>/samples.jsonl (-1: all of them)
 
   # Multi-host: True calls jax.distributed.initialize() (auto-detects SLURM / TPU / the
   # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables).
@@ -368,7 +368,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "eval.temperature": POSITIVE, "eval.top_p": PROBABILITY,
     "eval.max_new_tokens": Range(1, integer=True, none="sampling.max_new_tokens"),
     "checkpoint.every": NONNEG_INT, "checkpoint.max_to_keep": COUNT,
-    "log.samples": NONNEG_INT,
+    "log.samples": Range(0, integer=True, extra=(-1,), why="-1: every rollout of a step"),
 }
 
 # Objective and advantage-estimator hyperparameters by name ("owner.name" wins over "name"); see

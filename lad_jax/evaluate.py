@@ -3,7 +3,8 @@
   scores = evaluate.evaluate(sampler, params, task, tokenizer, encode, key, num_prompts=32,
                              settings=SampleSettings(group_size=8, max_new_tokens=1024),
                              pass_k=(1, 4, 8))
-  # {"eval/<set>/avg@8": ..., "eval/<set>/pass@4": ..., "eval/<set>/distinct_3": ...}
+  # {"val-core/<set>/acc/mean@8": ..., "val-core/<set>/acc/pass@4": ...,
+  #  "val-aux/<set>/distinct_3": ...}
 
 Every call with the same key samples with the same random draws (common random numbers), so
 the difference between two checkpoints' scores comes from the policy, not the noise.
@@ -35,20 +36,23 @@ def first_prompts(records: Sequence[Any], encode: Callable[[Mapping[str, Any]], 
   return chosen, ids
 
 
-def set_metrics(r: Rollout, *, k: int, pass_k: Sequence[int], prefix: str) -> dict[str, float]:
-  """The metrics of one held-out set from a rollout of k samples per prompt."""
+def set_metrics(r: Rollout, *, k: int, pass_k: Sequence[int], name: str) -> dict[str, float]:
+  """The metrics of held-out set `name` from a rollout of k samples per prompt, named as verl's
+  validation metrics: val-core/<set>/acc/mean@k (Avg@k) and acc/pass@j (unbiased Pass@j);
+  val-aux/<set>/... for distinct-n, distinct correct responses and the response length."""
   correct = r.correct.reshape(-1, k)
   texts = list(r.texts)
   responses = [r.response_tokens[n, :r.lengths[n]].tolist() for n in range(len(texts))]
-  out = {f"{prefix}/avg@{k}": metrics_lib.avg_at_k(correct.tolist())}
+  core, aux = f"val-core/{name}/acc", f"val-aux/{name}"
+  out = {f"{core}/mean@{k}": metrics_lib.avg_at_k(correct.tolist())}
   for kk in sorted(set(pass_k) | {k}):
-    out[f"{prefix}/pass@{kk}"] = metrics_lib.pass_at_k_mean(correct.tolist(), kk)
+    out[f"{core}/pass@{kk}"] = metrics_lib.pass_at_k_mean(correct.tolist(), kk)
   for n in (3, 4):
-    out[f"{prefix}/distinct_{n}"] = metrics_lib.distinct_n(responses, n)
-  out[f"{prefix}/distinct_correct"] = float(np.mean([
+    out[f"{aux}/distinct_{n}"] = metrics_lib.distinct_n(responses, n)
+  out[f"{aux}/distinct_correct"] = float(np.mean([
       metrics_lib.distinct_correct(texts[p * k:(p + 1) * k], correct[p].tolist())
       for p in range(correct.shape[0])]))
-  out[f"{prefix}/response_length/mean"] = float(r.lengths.mean())
+  out[f"{aux}/response_length/mean"] = float(r.lengths.mean())
   return out
 
 
@@ -63,5 +67,5 @@ def evaluate(sampler, params, task, tokenizer, encode, key, *, num_prompts: int,
       continue
     r, _, _ = sample_and_score(sampler, params, task, tokenizer, chosen, ids,
                                jax.random.fold_in(key, i), settings=settings)
-    out.update(set_metrics(r, k=settings.group_size, pass_k=pass_k, prefix=f"eval/{name}"))
+    out.update(set_metrics(r, k=settings.group_size, pass_k=pass_k, name=name))
   return out

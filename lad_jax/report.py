@@ -11,21 +11,40 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 
 from lad_jax import metrics as metrics_lib
 from lad_jax import run_dir
 from lad_jax.rollout import Rollout
 
 
-def write_samples(path: str, step: int, r: Rollout, tokenizer: Any, *, count: int) -> None:
-  """Appends the first `count` (prompt, response, reward) triples of a rollout, for reading."""
+def sample_rows(step: int, r: Rollout, advantages: np.ndarray, tokenizer: Any, *, count: int
+                ) -> list[dict[str, Any]]:
+  """The first `count` rollouts of a step (-1: all) as JSON rows: prompt id, prompt, response,
+  reward, verdict and its reason, extracted answer, advantage, length, truncation, summed
+  behaviour log-prob."""
+  n = len(r.texts) if count < 0 else min(count, len(r.texts))
+  rows = []
+  for i in range(n):
+    prompt = tokenizer.decode(r.prompt_tokens[i][r.prompt_mask[i]].tolist(),
+                              skip_special_tokens=False)
+    answer = r.answers[i]
+    rows.append({
+        "step": step, "prompt_id": int(r.prompt_index[i]), "prompt": prompt,
+        "response": str(r.texts[i]), "reward": float(r.rewards[i]),
+        "correct": bool(r.correct[i]), "reason": str(r.reasons[i]),
+        "answer": None if answer is None else str(answer),
+        "advantage": float(advantages[i]), "response_length": int(r.lengths[i]),
+        "truncated": bool(r.truncated[i]),
+        "logp_sum": float(np.where(r.response_mask[i], r.logp[i], 0.0).sum())})
+  return rows
+
+
+def write_samples(path: str, rows: list[dict[str, Any]]) -> None:
+  """Appends JSON rows to <workdir>/samples.jsonl."""
   with open(path, "a", encoding="utf-8") as f:
-    for i in range(min(count, len(r.texts))):
-      prompt = tokenizer.decode(r.prompt_tokens[i][r.prompt_mask[i]].tolist(),
-                                skip_special_tokens=False)
-      f.write(json.dumps({"step": step, "prompt": prompt, "response": str(r.texts[i]),
-                          "reward": float(r.rewards[i]),
-                          "correct": bool(r.correct[i])}) + "\n")
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
 
 
 def set_compile_cache(directory: Optional[str]) -> dict[str, Any]:
@@ -49,9 +68,20 @@ _SUMMARY_COLUMNS = (
     ("step", "step", "{:>4.0f}"), ("reward", "critic/rewards/mean", "{:>6.3f}"),
     ("acc", "critic/acc/mean", "{:>5.2f}"), ("len", "response_length/mean", "{:>5.1f}"),
     ("pg_loss", "actor/pg_loss", "{:>8.4f}"), ("entropy", "actor/entropy", "{:>7.3f}"),
-    ("gen_s", "timing_s/gen", "{:>5.0f}"), ("update_s", "timing_s/update", "{:>8.0f}"),
-    ("eval_s", "timing_s/eval", "{:>6.0f}"), ("step_s", "timing_s/step", "{:>6.0f}"),
+    ("gen_s", "timing_s/gen", "{:>5.0f}"), ("update_s", "timing_s/update_actor", "{:>8.0f}"),
+    ("eval_s", "timing_s/testing", "{:>6.0f}"), ("step_s", "timing_s/step", "{:>6.0f}"),
 )
+
+
+def _eval_scores(row: dict[str, Any]) -> dict[str, float]:
+  """{"<set>/avg@k": ..., "<set>/pass@k": ...} from a row's val-core/<set>/acc/... metrics."""
+  out = {}
+  for key, value in row.items():
+    parts = key.split("/")
+    if len(parts) == 4 and parts[0] == "val-core" and parts[2] == "acc":
+      label = parts[3].replace("mean@", "avg@")
+      out[f"{parts[1]}/{label}"] = value
+  return out
 
 
 def summary(config, *, wall_s: Optional[float] = None) -> str:
@@ -79,8 +109,7 @@ def summary(config, *, wall_s: Optional[float] = None) -> str:
       cells.append(fmt.format(value) if value is not None else "-".rjust(w))
     lines.append("  ".join(cells))
   for row in rows:
-    scores = ", ".join(f"{k[len('eval/'):]}={v:.3f}" for k, v in sorted(row.items())
-                       if k.startswith("eval/") and ("avg@" in k or "pass@" in k))
+    scores = ", ".join(f"{label}={v:.3f}" for label, v in sorted(_eval_scores(row).items()))
     if scores:
       when = "before training" if row["step"] == 0 else f"after step {row['step']:.0f}"
       lines.append(f"eval {when}: {scores}")
@@ -109,10 +138,13 @@ class RunOutputs:
       if config.log.progress_bar:
         self.bar = _progress_bar(config, workdir, start)
 
-  def step(self, step: int, metrics: dict[str, float], rollout: Optional[Rollout], tokenizer):
+  def step(self, step: int, metrics: dict[str, float], *, rollout: Optional[Rollout] = None,
+           advantages: Optional[np.ndarray] = None, tokenizer: Any = None) -> None:
+    """Writes a step's metrics, its sample rows (with a rollout) and advances the bar."""
     self.writer.write(step, metrics)
-    if self.lead and rollout is not None:
-      write_samples(self.samples_path, step, rollout, tokenizer, count=self.samples)
+    if self.lead and rollout is not None and self.samples:
+      write_samples(self.samples_path, sample_rows(step, rollout, advantages, tokenizer,
+                                                   count=self.samples))
     if self.bar is not None and rollout is not None:
       self.bar.update(1)
       self.bar.set_postfix({

@@ -40,6 +40,7 @@ from lad_jax import components
 from lad_jax import config_utils
 from lad_jax import errors
 from lad_jax import evaluate as evaluate_lib
+from lad_jax import perf
 from lad_jax import report
 from lad_jax import rollout as rollout_lib
 from lad_jax import run_dir
@@ -186,11 +187,21 @@ class Components(NamedTuple):
   train_step: Callable[[TrainState, TrainBatch], tuple[TrainState, dict]]
   logp_fn: Callable[..., jax.Array]
   ref_params: Any  # None unless the objective or the estimator needs pi_ref
+  num_params: int  # of the policy model (for MFU)
+
+
+class StepOutput(NamedTuple):
+  """What one `rl_step` hands back: the new state, its metrics, and what the logs show."""
+
+  state: TrainState
+  metrics: dict[str, float]
+  rollout: Rollout
+  advantages: np.ndarray  # [N] sequence advantages, host
 
 
 def rl_step(state: TrainState, stream: tasks_lib.PromptStream, key: jax.Array, *,
-            c: Components, loop: LoopSettings) -> tuple[TrainState, dict[str, float], Rollout]:
-  """COLLECT -> TO DEVICE -> BEHAVIOUR -> ADVANTAGE -> UPDATE; returns the metrics and rollout."""
+            c: Components, loop: LoopSettings) -> StepOutput:
+  """COLLECT -> TO DEVICE -> BEHAVIOUR -> ADVANTAGE -> UPDATE, then the step's metrics."""
   t_step = time.perf_counter()
   params = state.params["model"]
   got = rollout_lib.collect(
@@ -202,27 +213,50 @@ def rl_step(state: TrainState, stream: tasks_lib.PromptStream, key: jax.Array, *
   batch, timings = score_behaviour(batch, logp_fn=c.logp_fn, params=params,
                                    ref_params=c.ref_params,
                                    recompute_old_logp=loop.recompute_old_logp)
+  t0 = time.perf_counter()
   batch, adv_N = with_advantages(batch, got.rollout.rewards, estimator=c.estimator.name,
                                  hparams=c.estimator.hparams,
                                  group_size=loop.sample.group_size, mesh=c.mesh)
+  timings["timing_s/adv"] = time.perf_counter() - t0
   t0 = time.perf_counter()
   state, update_metrics = update(state, batch, train_step=c.train_step,
                                  mini_batches=loop.mini_batches, epochs=loop.epochs,
                                  mesh=c.mesh, max_nonfinite=loop.max_nonfinite)
-  timings["timing_s/update"] = time.perf_counter() - t0
+  timings["timing_s/update_actor"] = time.perf_counter() - t0
+  timings.update({"timing_s/gen": got.gen_s, "timing_s/reward": got.verify_s,
+                  "timing_s/step": time.perf_counter() - t_step})
   metrics = rollout_lib.rollout_metrics(got.rollout, adv_N, group_size=loop.sample.group_size)
   metrics.update(actor_metrics(update_metrics))
-  metrics.update({"batch/num_gen_batches": float(got.rounds),
+  metrics.update({"train/num_gen_batches": float(got.rounds),
                   "batch/filled_zero_variance_groups": float(got.filled),
                   "batch/skipped_long_prompts": float(stream.skipped),
-                  "timing_s/gen": got.gen_s, "timing_s/verify": got.verify_s, **timings})
-  metrics["timing_s/step"] = time.perf_counter() - t_step
-  metrics["perf/total_num_tokens"] = float(got.rollout.prompt_mask.sum()
-                                           + got.rollout.response_mask.sum())
-  metrics["perf/throughput"] = metrics["perf/total_num_tokens"] / max(
-      metrics["timing_s/step"], 1e-9)
-  metrics["data/position"] = float(stream.position)
-  return state, metrics, got.rollout
+                  "data/position": float(stream.position), **timings})
+  metrics.update(perf_metrics(got.rollout, timings, num_params=c.num_params,
+                              epochs=loop.epochs, devices=c.mesh.devices.flat))
+  return StepOutput(state, metrics, got.rollout, adv_N)
+
+
+def perf_metrics(r: Rollout, timings: dict[str, float], *, num_params: int, epochs: int,
+                 devices) -> dict[str, float]:
+  """verl's throughput figures: tokens, time per token per stage, per-device throughput, MFU of
+  the update and peak device memory (the last two where the hardware reports them)."""
+  devices = list(devices)
+  response = float(r.response_mask.sum())
+  total = float(r.prompt_mask.sum()) + response
+  out = {"perf/total_num_tokens": total, "perf/time_per_step": timings["timing_s/step"],
+         "perf/throughput": total / (max(timings["timing_s/step"], 1e-9) * len(devices))}
+  for stage in ("gen", "ref", "adv", "update_actor"):
+    if f"timing_s/{stage}" in timings:
+      tokens = response if stage == "gen" else total
+      out[f"timing_per_token_ms/{stage}"] = 1e3 * timings[f"timing_s/{stage}"] / max(tokens, 1)
+  flops = perf.update_flops(num_params=num_params, tokens=total * epochs)
+  mfu = perf.mfu(flops, timings["timing_s/update_actor"], devices=devices)
+  memory = perf.max_memory_allocated_gb(devices)
+  if mfu is not None:
+    out["perf/mfu/actor"] = mfu
+  if memory is not None:
+    out["perf/max_memory_allocated_gb"] = memory
+  return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -258,7 +292,8 @@ def build_components(config, *, task: Optional[tasks_lib.Task] = None
       train_step=train_lib.jit_train_step(spec, mesh=mesh, state_shardings=state_shardings),
       logp_fn=scoring.make_logp_fn(model_cfg, mesh=mesh, temperature=config.sampling.temperature,
                                    chunk_size=config.train.chunk_size),
-      ref_params=ref_params), state
+      ref_params=ref_params,
+      num_params=sum(x.size for x in jax.tree.leaves(state.params["model"]))), state
 
 
 def _evaluate(c: Components, state: TrainState, key: jax.Array, config) -> dict[str, float]:
@@ -270,7 +305,7 @@ def _evaluate(c: Components, state: TrainState, key: jax.Array, config) -> dict[
       settings=SampleSettings(group_size=int(e.samples),
                               max_new_tokens=e.max_new_tokens or config.sampling.max_new_tokens,
                               temperature=e.temperature, top_p=e.top_p))
-  out["timing_s/eval"] = time.perf_counter() - t0
+  out["timing_s/testing"] = time.perf_counter() - t0
   return out
 
 
@@ -289,20 +324,20 @@ def _loop(config, c: Components, state: TrainState, ckpt, start: int, position: 
   try:
     if config.eval.before_train and start == 0 and c.task.evals:
       last = _evaluate(c, state, eval_key, config)
-      out.step(0, last, None, c.tokenizer)
+      out.step(0, last)
     for step in range(start, n):
       done = step + 1
       ckpt.check()  # a failed asynchronous save stops the run here, with one line
       try:
-        state, last, rollout = rl_step(state, stream, jax.random.fold_in(rollout_key, step),
-                                       c=c, loop=loop)
+        state, last, rollout, adv_N = rl_step(
+            state, stream, jax.random.fold_in(rollout_key, step), c=c, loop=loop)
       except errors.NonFiniteError as e:
         last_good = ckpt.latest_step()
         saved = f"step {last_good}" if last_good is not None else "none (nothing was saved)"
         raise errors.NonFiniteError(f"step {done}: {e} The last checkpoint is {saved}.") from e
       if config.eval.every and (done % config.eval.every == 0 or done == n) and c.task.evals:
         last.update(_evaluate(c, state, eval_key, config))
-      out.step(done, last, rollout, c.tokenizer)
+      out.step(done, last, rollout=rollout, advantages=adv_N, tokenizer=c.tokenizer)
       if (config.checkpoint.every and done % config.checkpoint.every == 0) or done == n:
         ckpt.save(done, state, {"step": done, "data_position": stream.position,
                                 "name": config.name})

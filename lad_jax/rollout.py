@@ -36,6 +36,9 @@ class Rollout(NamedTuple):
     rewards: [N] float32 verifier rewards.
     correct: [N] bool verifier verdicts (DAPO's filter metric, pass@k).
     texts: [N] object, the decoded responses.
+    reasons: [N] object, the verifier's reason for each verdict ("correct", "wrong", ...).
+    answers: [N] object, what the verifier extracted from each response (None: nothing).
+    prompt_index: [N] int64, the prompt's index in its record set (the prompt id in the logs).
   """
 
   prompt_tokens: np.ndarray
@@ -48,6 +51,9 @@ class Rollout(NamedTuple):
   rewards: np.ndarray
   correct: np.ndarray
   texts: np.ndarray
+  reasons: np.ndarray
+  answers: np.ndarray
+  prompt_index: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +84,21 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def _objects(values) -> np.ndarray:
+  """[N] object array of Python values (strings, None), never split into more dimensions."""
+  values = list(values)
+  out = np.empty(len(values), dtype=object)
+  out[:] = values
+  return out
+
+
 def sample_and_score(sampler, params, task, tokenizer, records: Sequence[Any],
-                     prompt_ids: Sequence[list[int]], key, *, settings: SampleSettings
-                     ) -> tuple[Rollout, float, float]:
-  """G responses per prompt, decoded and verified: (rollout, seconds sampling, seconds scoring)."""
+                     prompt_ids: Sequence[list[int]], key, *, settings: SampleSettings,
+                     indices: Optional[Sequence[int]] = None) -> tuple[Rollout, float, float]:
+  """G responses per prompt, decoded and verified: (rollout, seconds sampling, seconds scoring).
+
+  indices: each record's index in its set (default 0, 1, ...), logged as the prompt id.
+  """
   g = settings.group_size
   t0 = time.perf_counter()
   out = sampler.sample(params, prompt_ids, key, group_size=g,
@@ -94,9 +111,12 @@ def sample_and_score(sampler, params, task, tokenizer, records: Sequence[Any],
   texts = [tokenizer.decode(host["response_tokens"][i, :host["lengths"][i]].tolist(),
                             skip_special_tokens=True) for i in range(len(host["lengths"]))]
   results = task.score(texts, [rec for rec in records for _ in range(g)])
+  indices = range(len(records)) if indices is None else indices
   rollout = Rollout(**host, rewards=np.asarray([r.reward for r in results], np.float32),
                     correct=np.asarray([r.correct for r in results], bool),
-                    texts=np.asarray(texts, dtype=object))
+                    texts=_objects(texts), reasons=_objects(r.reason for r in results),
+                    answers=_objects(r.answer for r in results),
+                    prompt_index=np.repeat(np.asarray(indices, np.int64), g))
   return rollout, t1 - t0, time.perf_counter() - t1
 
 
@@ -174,10 +194,10 @@ def collect(sampler, params, stream, task, tokenizer, key, *, settings: SampleSe
   seconds = [0.0, 0.0]
 
   def generate(round_index: int) -> Rollout:
-    records, ids = stream.take(num_groups)
+    indices, records, ids = stream.take_indexed(num_groups)
     r, gen_s, verify_s = sample_and_score(sampler, params, task, tokenizer, records, ids,
                                           jax.random.fold_in(key, round_index),
-                                          settings=settings)
+                                          settings=settings, indices=indices)
     seconds[0] += gen_s
     seconds[1] += verify_s
     return r
@@ -217,19 +237,30 @@ def to_train_batch(r: Rollout, *, mesh, with_prompt_mask: bool = False
 
 
 def rollout_metrics(r: Rollout, adv_N: np.ndarray, *, group_size: int) -> dict[str, float]:
-  """verl-named statistics of a rollout."""
+  """Statistics of a rollout under verl's names (`compute_data_metrics`), plus ours.
+
+  verl's: critic/score (the verifier's reward), critic/rewards (the reward the advantages use:
+  the same here, nothing is shaped), critic/advantages over response tokens, response_length and
+  prompt_length with their clip ratios (response: no EOS within max_new_tokens; prompt: as long
+  as the padded prompt width). Ours: critic/acc, the group statistics under batch/.
+  """
   lengths = r.lengths.astype(np.float64)
+  prompt_lengths = r.prompt_mask.sum(1).astype(np.float64)
   correct_PG = r.correct.reshape(-1, group_size)
   rewards_PG = r.rewards.reshape(-1, group_size)
-  return {
-      "critic/rewards/mean": float(r.rewards.mean()),
-      "critic/rewards/std": float(r.rewards.std()),
-      "critic/rewards/max": float(r.rewards.max()),
-      "critic/rewards/min": float(r.rewards.min()),
+  scored = lengths > 0  # advantages of response tokens, as verl's masked statistics
+  adv_tokens = float((adv_N * lengths).sum() / max(lengths.sum(), 1.0))
+  out = {}
+  for name in ("score", "rewards"):
+    out.update({f"critic/{name}/mean": float(r.rewards.mean()),
+                f"critic/{name}/max": float(r.rewards.max()),
+                f"critic/{name}/min": float(r.rewards.min())})
+  out.update({
+      "critic/score/std": float(r.rewards.std()),
       "critic/acc/mean": float(r.correct.mean()),
-      "critic/advantages/mean": float(adv_N.mean()),
-      "critic/advantages/max": float(adv_N.max()),
-      "critic/advantages/min": float(adv_N.min()),
+      "critic/advantages/mean": adv_tokens,
+      "critic/advantages/max": float(adv_N[scored].max()) if scored.any() else 0.0,
+      "critic/advantages/min": float(adv_N[scored].min()) if scored.any() else 0.0,
       "batch/zero_variance_frac": float(np.mean(rewards_PG.max(1) == rewards_PG.min(1))),
       "batch/solve_all_frac": float(np.mean(correct_PG.all(1))),
       "batch/solve_none_frac": float(np.mean(~correct_PG.any(1))),
@@ -237,5 +268,9 @@ def rollout_metrics(r: Rollout, adv_N: np.ndarray, *, group_size: int) -> dict[s
       "response_length/max": float(lengths.max()),
       "response_length/min": float(lengths.min()),
       "response_length/clip_ratio": float(r.truncated.mean()),
-      "prompt_length/mean": float(r.prompt_mask.sum(1).mean()),
-  }
+      "prompt_length/mean": float(prompt_lengths.mean()),
+      "prompt_length/max": float(prompt_lengths.max()),
+      "prompt_length/min": float(prompt_lengths.min()),
+      "prompt_length/clip_ratio": float(np.mean(prompt_lengths == r.prompt_mask.shape[1])),
+  })
+  return out

@@ -185,10 +185,17 @@ class PromptStream:
 
   def take(self, count: int) -> tuple[list[dict[str, Any]], list[list[int]]]:
     """The next `count` records that fit, and their prompt ids."""
-    records, ids = [], []
+    _, records, ids = self.take_indexed(count)
+    return records, ids
+
+  def take_indexed(self, count: int
+                   ) -> tuple[list[int], list[dict[str, Any]], list[list[int]]]:
+    """`take`, with each record's index in the training set (its prompt id in the logs)."""
+    indices, records, ids = [], [], []
     misses = 0
     while len(records) < count:
-      record = self._records[self._index(self.position)]
+      index = self._index(self.position)
+      record = self._records[index]
       self.position += 1
       tokens = self._encode(record)
       if tokens is None:
@@ -199,6 +206,7 @@ class PromptStream:
           raise ConfigError(f"Every prompt is longer than config.data.max_prompt_tokens="
                             f"{limit}; raise it.")
         continue
+      indices.append(index)
       records.append(record)
       ids.append(tokens)
-    return records, ids
+    return indices, records, ids

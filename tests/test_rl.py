@@ -113,7 +113,11 @@ def _fake_rollout(correct_PG, *, prompt_len, response_len, tag):
       lengths=np.full((n,), 2, np.int32),
       rewards=correct_PG.reshape(-1).astype(np.float32),
       correct=correct_PG.reshape(-1),
-      texts=np.asarray([str(i + 100 * tag) for i in range(n)], dtype=object))
+      texts=np.asarray([str(i + 100 * tag) for i in range(n)], dtype=object),
+      reasons=np.asarray(["correct" if c else "wrong" for c in correct_PG.reshape(-1)],
+                         dtype=object),
+      answers=np.asarray([str(tag)] * n, dtype=object),
+      prompt_index=np.repeat(np.arange(p, dtype=np.int64), g))
 
 
 def _tags(r):
@@ -223,11 +227,55 @@ def test_rollout_metrics_by_hand():
   r = _fake_rollout(np.array([[1, 0], [1, 1]], bool), prompt_len=3, response_len=4, tag=1)
   r = r._replace(lengths=np.array([1, 2, 3, 4], np.int32),
                  truncated=np.array([0, 0, 0, 1], bool))
+  r = r._replace(prompt_mask=np.array([[1, 1, 1], [0, 1, 1], [0, 0, 1], [1, 1, 1]], bool))
   m = rollout.rollout_metrics(r, np.array([1.0, -1.0, 0.0, 0.0], np.float32), group_size=2)
-  assert m["critic/rewards/mean"] == 0.75 and m["critic/acc/mean"] == 0.75
+  assert m["critic/score/mean"] == m["critic/rewards/mean"] == 0.75
+  assert m["critic/acc/mean"] == 0.75
   assert m["batch/zero_variance_frac"] == 0.5 and m["batch/solve_all_frac"] == 0.5
   assert m["response_length/mean"] == 2.5 and m["response_length/max"] == 4
   assert m["response_length/clip_ratio"] == 0.25
+  # verl's advantage statistics are over response tokens: (1 * 1 - 1 * 2) / 10 tokens.
+  assert m["critic/advantages/mean"] == pytest.approx(-0.1)
+  assert (m["prompt_length/mean"], m["prompt_length/max"], m["prompt_length/min"]) == (2.25, 3, 1)
+  assert m["prompt_length/clip_ratio"] == 0.5  # two prompts fill the padded width of 3
+
+
+def test_sample_rows_hold_what_a_reader_needs():
+  r = _fake_rollout(np.array([[1, 0], [0, 0]], bool), prompt_len=3, response_len=4, tag=65)
+  adv = np.array([1.0, -1.0, 0.0, 0.0], np.float32)
+  rows = report.sample_rows(7, r, adv, CharTokenizer(), count=-1)
+  assert len(rows) == 4 and len(report.sample_rows(7, r, adv, CharTokenizer(), count=2)) == 2
+  assert rows[1] == {"step": 7, "prompt_id": 0, "prompt": "AAA", "response": "6501",
+                     "reward": 0.0, "correct": False, "reason": "wrong", "answer": "65",
+                     "advantage": -1.0, "response_length": 2, "truncated": False,
+                     "logp_sum": -2.0}
+  assert rows[2]["prompt_id"] == 1
+
+
+def test_perf_metrics():
+  r = _fake_rollout(np.array([[1, 0]], bool), prompt_len=3, response_len=4, tag=5)
+  timings = {"timing_s/step": 2.0, "timing_s/gen": 1.0, "timing_s/update_actor": 0.5}
+  m = rl.perf_metrics(r, timings, num_params=10, epochs=1, devices=jax.devices()[:2])
+  assert m["perf/total_num_tokens"] == 10 and m["perf/throughput"] == 2.5  # per device
+  assert m["timing_per_token_ms/gen"] == 250.0  # 4 response tokens
+  assert "perf/mfu/actor" not in m  # no known peak for a CPU
+
+
+class _Device:
+  device_kind = "NVIDIA H100 80GB HBM3"
+
+  @staticmethod
+  def memory_stats():
+    return {"peak_bytes_in_use": 3 * 2**30}
+
+
+def test_mfu_and_memory_where_the_hardware_reports_them():
+  from lad_jax import perf  # pylint: disable=g-import-not-at-top
+  flops = perf.update_flops(num_params=1e9, tokens=1e4)
+  assert flops == 6e13
+  assert perf.mfu(flops, 1.0, devices=[_Device()] * 2) == pytest.approx(6e13 / (2 * 989e12))
+  assert perf.max_memory_allocated_gb([_Device()]) == 3.0
+  assert perf.mfu(flops, 1.0, devices=jax.devices()[:1]) is None
 
 
 class _StubSampler:
@@ -286,9 +334,9 @@ def test_evaluate_with_a_stub_sampler():
                           lambda r: [ord(c) for c in r["question"]], jax.random.key(0),
                           num_prompts=2, pass_k=(1, 2),
                           settings=rollout.SampleSettings(group_size=3, max_new_tokens=4))
-  assert out["eval/fake/avg@3"] == 1.0 and out["eval/fake/pass@2"] == 1.0
-  assert out["eval/fake/response_length/mean"] == 2.0
-  assert out["eval/fake/distinct_correct"] == 3.0  # three different texts per prompt
+  assert out["val-core/fake/acc/mean@3"] == 1.0 and out["val-core/fake/acc/pass@2"] == 1.0
+  assert out["val-aux/fake/response_length/mean"] == 2.0
+  assert out["val-aux/fake/distinct_correct"] == 3.0  # three different texts per prompt
 
 
 @pytest.fixture(scope="module")
@@ -379,14 +427,16 @@ def _check_run(config, params, last):
   assert [r["step"] for r in records] == [1, 2]
   for name in ("critic/rewards/mean", "response_length/mean", "actor/pg_loss", "actor/entropy",
                "actor/grad_norm", "actor/lr", "batch/zero_variance_frac", "timing_s/gen",
-               "timing_s/verify", "timing_s/update", "perf/throughput"):
+               "timing_s/reward", "timing_s/update_actor", "timing_s/adv", "perf/throughput",
+               "critic/score/mean", "prompt_length/clip_ratio", "timing_per_token_ms/gen"):
     assert name in records[0] and np.isfinite(records[0][name]), name
   assert records[0]["actor/lr"] == pytest.approx(config.optim.lr)
   # The fake reward varies within groups, so the advantages and the gradient are not zero.
   assert records[0]["critic/advantages/max"] > 0 > records[0]["critic/advantages/min"]
   assert records[0]["actor/grad_norm"] > 0
-  assert "eval/fake/avg@4" in last and "eval/fake/pass@2" in last
-  assert 0.0 <= last["eval/fake/pass@1"] <= last["eval/fake/pass@2"] <= last["eval/fake/pass@4"]
+  core = "val-core/fake/acc"
+  assert f"{core}/mean@4" in last and f"{core}/pass@2" in last
+  assert 0.0 <= last[f"{core}/pass@1"] <= last[f"{core}/pass@2"] <= last[f"{core}/pass@4"]
   # A nonzero gradient at a nonzero learning rate moves Adam's parameters (by ~lr each).
   assert all(r["actor/grad_norm"] > 0 for r in records)
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
@@ -492,7 +542,7 @@ def test_summary_and_eval_before_training(tmp_path, compile_cache, lad_run):
   for _ in range(2):  # without a checkpoint the second run starts over: one step-0 row
     _, last = rl.train_and_evaluate(only_eval, task=fake_task())
   rows = metrics_lib.read_jsonl(os.path.join(only_eval.workdir, "metrics.jsonl"))
-  assert [r["step"] for r in rows] == [0] and "eval/fake/avg@4" in last
+  assert [r["step"] for r in rows] == [0] and "val-core/fake/acc/mean@4" in last
   assert "eval before training: fake/avg@4=" in report.summary(only_eval)
 
 
@@ -523,7 +573,7 @@ def test_real_verifier_with_dynamic_sampling(tmp_path, compile_cache):
   config.train.num_steps = 1
   config.eval.every = 0
   _, last = rl.train_and_evaluate(config)
-  assert last["batch/num_gen_batches"] == 2
+  assert last["train/num_gen_batches"] == 2
   assert last["batch/filled_zero_variance_groups"] == 4
   assert last["critic/rewards/mean"] == 0.0 and last["batch/zero_variance_frac"] == 1.0
   assert last["data/position"] == 8  # two rounds of 4 prompts consumed
