@@ -267,9 +267,7 @@ def _evaluate(c: Components, state: TrainState, key: jax.Array, config) -> dict[
   out = evaluate_lib.evaluate(
       c.sampler, state.params["model"], c.task, c.tokenizer, c.encode, key,
       num_prompts=e.num_prompts, pass_k=tuple(e.pass_k),
-      settings=SampleSettings(group_size=int(e.samples),
-                              max_new_tokens=e.max_new_tokens or config.sampling.max_new_tokens,
-                              temperature=e.temperature, top_p=e.top_p))
+      settings=evaluate_lib.settings_from_config(config))
   out["timing_s/eval"] = time.perf_counter() - t0
   return out
 
