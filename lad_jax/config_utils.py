@@ -196,6 +196,7 @@ def base_config() -> ConfigDict:
   c.checkpoint = ConfigDict()
   c.checkpoint.every = 0  # steps; 0: only at the end
   c.checkpoint.max_to_keep = 3
+  c.checkpoint.export_hf = False  # also write <workdir>/hf (safetensors + tokenizer) at the end
   c.checkpoint.resume = True
 
   c.log = ConfigDict()

@@ -56,6 +56,15 @@ def set_metrics(r: Rollout, *, k: int, pass_k: Sequence[int], name: str) -> dict
   return out
 
 
+def settings_from_config(config) -> SampleSettings:
+  """The SampleSettings of the held-out evaluation (config.eval; the RL loop's and
+  experiments/evaluate.py's): k = eval.samples responses per prompt."""
+  e = config.eval
+  return SampleSettings(group_size=int(e.samples),
+                        max_new_tokens=e.max_new_tokens or config.sampling.max_new_tokens,
+                        temperature=e.temperature, top_p=e.top_p)
+
+
 def evaluate(sampler, params, task, tokenizer, encode, key, *, num_prompts: int,
              settings: SampleSettings, pass_k: Sequence[int] = ()) -> dict[str, float]:
   """Samples `settings.group_size` = k responses for the first `num_prompts` prompts of each

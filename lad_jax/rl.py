@@ -41,6 +41,7 @@ from lad_jax import config_utils
 from lad_jax import errors
 from lad_jax import evaluate as evaluate_lib
 from lad_jax import perf
+from lad_jax import policy
 from lad_jax import report
 from lad_jax import rollout as rollout_lib
 from lad_jax import run_dir
@@ -302,9 +303,7 @@ def _evaluate(c: Components, state: TrainState, key: jax.Array, config) -> dict[
   out = evaluate_lib.evaluate(
       c.sampler, state.params["model"], c.task, c.tokenizer, c.encode, key,
       num_prompts=e.num_prompts, pass_k=tuple(e.pass_k),
-      settings=SampleSettings(group_size=int(e.samples),
-                              max_new_tokens=e.max_new_tokens or config.sampling.max_new_tokens,
-                              temperature=e.temperature, top_p=e.top_p))
+      settings=evaluate_lib.settings_from_config(config))
   out["timing_s/testing"] = time.perf_counter() - t0
   return out
 
@@ -380,7 +379,11 @@ def train_and_evaluate(config, *, task: Optional[tasks_lib.Task] = None
       if restored is not None:  # damaged newer checkpoints were moved aside, with a warning
         state = restored.state
         start, position = int(restored.meta["step"]), int(restored.meta["data_position"])
-      return _loop(config, c, state, ckpt, start, position)
+      state, last = _loop(config, c, state, ckpt, start, position)
+      if config.checkpoint.export_hf:  # a Hugging Face copy of the final policy: <workdir>/hf
+        policy.export_hf(state.params["model"], c.model_cfg, tokenizer=c.tokenizer,
+                         out_dir=os.path.join(workdir, "hf"))
+      return state, last
     finally:
       ckpt.close()
   finally:

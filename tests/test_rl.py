@@ -519,7 +519,9 @@ def test_workdir_of_another_run_is_refused_or_archived(tmp_path, compile_cache, 
   fresh = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
   fresh.train.num_steps = 0
   fresh.eval.before_train = True
+  fresh.checkpoint.export_hf = True  # a Hugging Face copy of the final policy
   rl.train_and_evaluate(fresh, task=fake_task())
+  assert {"config.json", "model.safetensors"} <= set(os.listdir(tmp_path / "hf"))
   fresh.checkpoint.resume = False  # starting over moves the earlier run aside
   fresh.seed = 1
   rl.train_and_evaluate(fresh, task=fake_task())
