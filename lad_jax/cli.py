@@ -90,10 +90,14 @@ def _unknown_key_message(error: BaseException, argv: Sequence[str]) -> Optional[
   if not keys:
     return None
   key = str(keys[-1].args[0]).strip("'\"")
+  in_file = re.match(r'Key "([^"]+)" does not exist', key)  # a locked ConfigDict's message
+  key = in_file.group(1) if in_file else key
   hint = next((str(e.args[0]) for e in keys if "Did you mean" in str(e.args[0])), "")
   hint = (hint[hint.index("Did you mean"):] if hint else
           "Check the spelling against the config file (every key: config_utils.base_config).")
   arg = _override_arg(key, argv)
+  if not arg:  # set inside the config file itself (the schema is locked)
+    arg = next((a for a in argv if a.startswith("--config=")), "")
   where = f"{arg}: " if arg else ""
   return f"{where}unknown config key {key!r}. {one_line(hint)}"
 

@@ -1,11 +1,12 @@
 """The RL-loop config schema, the `smoke` shrink, and validation with clear errors.
 
 Every config file under configs/ starts from `base_config()` and overrides what its paper setting
-needs, so all configs share one schema; `validate(config)` rejects keys the schema does not know
-(a typo such as `optim.lrr` would otherwise be silently ignored), bad values (every number is
-checked for type, finiteness and range: `CONFIG_RANGES`, `HPARAM_RANGES`) and inconsistent
-batch sizes before anything is compiled, and `check_files(config)` names every missing model or
-data file and where it goes.
+needs, so all configs share one schema. `base_config()` is locked (`lock`): a misspelt key in a
+config file (`c.optim.lrr = 1`) fails at load with 'Did you mean "lr"' instead of being silently
+ignored. `validate(config)` rejects unknown keys of a config built otherwise, bad values (every
+number is checked for type, finiteness and range: `CONFIG_RANGES`, `HPARAM_RANGES`) and
+inconsistent batch sizes before anything is compiled, and `check_files(config)` names every
+missing model or data file and where it goes.
 
   config = base_config()
   config.loss.name = "lad"
@@ -203,11 +204,33 @@ def base_config() -> ConfigDict:
   c.log.tensorboard = True
   c.log.progress_bar = True
   c.log.samples = 4  # rollouts per step written to <workdir>/samples.jsonl (-1: all of them)
+  # Weights & Biases, beside TensorBoard and metrics.jsonl (pip install 'lad-jax[wandb]'): the
+  # same scalars per step, the config, one run per workdir (a resumed run continues it).
+  c.log.wandb = False
+  c.log.wandb_project = "lad-jax"
+  c.log.wandb_run = config_dict.placeholder(str)  # the run's display name; default: config.name
+  # online | offline | disabled; None: WANDB_MODE if set, else online with an API key
+  # (WANDB_API_KEY or `wandb login`), else offline (metrics.wandb_mode).
+  c.log.wandb_mode = config_dict.placeholder(str)
 
   # Multi-host: True calls jax.distributed.initialize() (auto-detects SLURM / TPU / the
   # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables).
   c.distributed = False
-  return c
+  return lock(c)
+
+
+def lock(config: ConfigDict) -> ConfigDict:
+  """Locks the schema: setting a key it does not have raises, naming the closest valid one.
+
+  `c.optim.lrr = 1` in a config file (or a test) would otherwise add a key the loop never reads;
+  on a locked ConfigDict it raises at load, with ml_collections' 'Did you mean "lr"'. Existing
+  keys stay settable, and the FREE_FORM sub-configs (forwarded as **kwargs) stay open. The CLI
+  (config_flags' lock_config) locks everything again after the file is loaded.
+  """
+  config.lock()
+  for path in FREE_FORM:
+    _value(config, path).unlock()
+  return config
 
 
 def smoke(config: ConfigDict) -> ConfigDict:

@@ -4,18 +4,29 @@ Pass@k is the unbiased estimator of Chen et al. (2021, "Evaluating Large Languag
 Code", Eq. 1): with n samples of which c are correct, pass@k = 1 - C(n-c, k) / C(n, k), computed as a
 numerically stable product. Avg@k is the mean accuracy over the k samples (the LAD paper's Avg@k).
 Distinct-n (Li et al., 2016) is the number of distinct n-grams over the total number of n-grams.
+
+`MetricWriter` writes each step's scalars to metrics.jsonl, TensorBoard and, optionally, Weights &
+Biases (`WandbOptions`; `wandb_options(config)` reads config.log.wandb*; the package is the
+optional extra `pip install 'lad-jax[wandb]'`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import netrc
 import os
+import re
+import secrets
 import time
 from typing import Any, Iterable, Mapping, Optional, Sequence
+import urllib.parse
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lad_jax.errors import ConfigError
 
 
 def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
@@ -120,8 +131,126 @@ def truncate_jsonl(path: str, first_step: int) -> int:
   return dropped
 
 
+WANDB_MODES = ("online", "offline", "disabled")
+WANDB_ID_FILE = "wandb_run_id"  # in the workdir: the W&B run a resumed run continues
+WANDB_INSTALL = "pip install 'lad-jax[wandb]'"
+_WANDB_HOST = "https://api.wandb.ai"
+
+
+@dataclasses.dataclass(frozen=True)
+class WandbOptions:
+  """A Weights & Biases run for `MetricWriter`.
+
+  project: the W&B project. name: the run's display name (None: W&B's generated one). mode:
+  one of WANDB_MODES, or None for `wandb_mode`'s choice. config: the run's config as plain data
+  (JSON-like dicts), shown and searchable in W&B.
+  """
+  project: str = "lad-jax"
+  name: Optional[str] = None
+  mode: Optional[str] = None
+  config: Optional[Mapping[str, Any]] = None
+
+
+def _import_wandb():
+  """The wandb module, or a one-line ConfigError saying how to install it."""
+  try:
+    import wandb  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ConfigError(f"config.log.wandb=True needs the wandb package, which is not "
+                      f"installed: {WANDB_INSTALL} (or pip install wandb), or set "
+                      "config.log.wandb=False.") from e
+  return wandb
+
+
+def wandb_options(config: Any) -> Optional[WandbOptions]:
+  """The W&B settings of an RL config (config.log.wandb*); None when config.log.wandb is off.
+
+  Raises:
+    ConfigError: log.wandb is on but wandb is not installed, or log.wandb_mode is not valid.
+  """
+  log = config.log
+  if not log.get("wandb", False):
+    return None
+  if log.wandb_mode is not None and log.wandb_mode not in WANDB_MODES:
+    raise ConfigError(f"config.log.wandb_mode={log.wandb_mode!r} is not valid; choose one of "
+                      f"{list(WANDB_MODES)} or None (WANDB_MODE, else online with an API key, "
+                      "else offline).")
+  _import_wandb()
+  plain = (json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort")
+           else dict(config))
+  return WandbOptions(project=log.wandb_project, name=log.wandb_run or config.name,
+                      mode=log.wandb_mode, config=plain)
+
+
+def _wandb_login_exists() -> bool:
+  """Whether `wandb login` stored an API key: a netrc entry for the W&B host (WANDB_BASE_URL)."""
+  host = urllib.parse.urlparse(os.environ.get("WANDB_BASE_URL") or _WANDB_HOST).hostname
+  path = os.environ.get("NETRC") or os.path.expanduser("~/.netrc")
+  try:
+    return netrc.netrc(path).authenticators(host) is not None
+  except (OSError, netrc.NetrcParseError):
+    return False
+
+
+def wandb_mode(mode: Optional[str] = None) -> Optional[str]:
+  """The mode W&B starts in: `mode` when given; else None (wandb's own choice) when WANDB_MODE
+  is set or an API key is available (WANDB_API_KEY, or `wandb login`'s netrc entry); else
+  "offline".
+
+  Without a key, online wandb.init asks for one (or fails where nothing can be typed, as on a
+  cluster node without network); offline keeps the run under <workdir>/wandb/ for a later
+  `wandb sync <workdir>/wandb/offline-run-*`.
+  """
+  if mode is not None:
+    return mode
+  if os.environ.get("WANDB_MODE") or os.environ.get("WANDB_API_KEY") or _wandb_login_exists():
+    return None
+  return "offline"
+
+
+def wandb_run_id(logdir: str, *, fresh: bool) -> str:
+  """The W&B run id of the run in `logdir`, kept in <logdir>/wandb_run_id.
+
+  A resumed run (fresh=False) reads it back, so it continues its W&B run; a fresh start gets a
+  new one: the workdir's name plus a random suffix. A hash of the path alone would be shared by
+  every run in the default workdir /tmp/lad_runs/<name> (other machines, restarts with
+  checkpoint.resume=False), which would then be appended to one old W&B run.
+  """
+  path = os.path.join(logdir, WANDB_ID_FILE)
+  if not fresh and os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      run_id = f.read().strip()
+    if run_id:
+      return run_id
+  name = re.sub(r"[^A-Za-z0-9_-]+", "-", os.path.basename(os.path.abspath(logdir)))[:48]
+  run_id = f"{name.strip('-') or 'run'}-{secrets.token_hex(4)}"
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(run_id + "\n")
+  os.replace(tmp, path)
+  return run_id
+
+
+def _start_wandb(logdir: str, options: WandbOptions, first_step: Optional[int]):
+  """Starts the workdir's W&B run, or continues it after a resume (first_step > 0).
+
+  Its files go to <logdir>/wandb/ unless WANDB_DIR says otherwise. Returns the run and the first
+  step it still takes: a resumed online run has the steps its killed attempt logged, and W&B
+  cannot rewrite them (under exact resume their values are the replay's; metrics.jsonl and
+  TensorBoard hold the replayed rows).
+  """
+  wandb = _import_wandb()
+  run = wandb.init(project=options.project, name=options.name,
+                   id=wandb_run_id(logdir, fresh=first_step == 0), resume="allow",
+                   mode=wandb_mode(options.mode),
+                   dir=None if os.environ.get("WANDB_DIR") else logdir,
+                   config=dict(options.config or {}))
+  return run, int(getattr(run, "starting_step", 0) or 0)
+
+
 class MetricWriter:
-  """Writes scalar metrics as JSON lines and, if tensorboardX is importable, TensorBoard events.
+  """Writes scalar metrics as JSON lines and, if tensorboardX is importable, TensorBoard events,
+  and to Weights & Biases when asked.
 
   Only process 0 writes on multi-host runs.
 
@@ -132,17 +261,25 @@ class MetricWriter:
       step s; 0 for a fresh run). Rows of this and later steps left by an earlier attempt are
       removed from metrics.jsonl, and TensorBoard hides their events (`purge_step`), so every
       step appears once. None keeps everything (plain appending).
+    wandb: also log to this W&B run (None: no W&B). One run per workdir: a fresh start
+      (first_step=0) begins a new one, a resumed run continues it (`wandb_run_id`). Each step
+      is committed when written (one write per step; a repeated step is not sent again);
+      `close` finishes the run.
   """
 
   def __init__(self, logdir: str, *, tensorboard: bool = True,
-               first_step: Optional[int] = None):
+               first_step: Optional[int] = None, wandb: Optional[WandbOptions] = None):
     self.logdir = logdir
     self._active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
+    self._wandb = None
+    self._wandb_next = 0  # the first step W&B still takes
     if not self._active:
       return
     os.makedirs(logdir, exist_ok=True)
+    if wandb is not None:  # first: nothing is left open if it fails
+      self._wandb, self._wandb_next = _start_wandb(logdir, wandb, first_step)
     path = os.path.join(logdir, "metrics.jsonl")
     if first_step is not None:
       truncate_jsonl(path, first_step)
@@ -155,6 +292,7 @@ class MetricWriter:
         self._tb = None
 
   def write(self, step: int, metrics: Mapping[str, Any]) -> None:
+    """Writes one step's scalars (arrays of one element, numbers) to every output."""
     if not self._active:
       return
     scalars = {k: float(np.asarray(v)) for k, v in metrics.items()}
@@ -165,6 +303,9 @@ class MetricWriter:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, int(step))
       self._tb.flush()
+    if self._wandb is not None and int(step) >= self._wandb_next:
+      self._wandb.log(scalars, step=int(step), commit=True)
+      self._wandb_next = int(step) + 1
 
   def close(self) -> None:
     if self._jsonl is not None:
@@ -173,6 +314,9 @@ class MetricWriter:
     if self._tb is not None:
       self._tb.close()
       self._tb = None
+    if self._wandb is not None:
+      self._wandb.finish()
+      self._wandb = None
 
   def __enter__(self) -> "MetricWriter":
     return self

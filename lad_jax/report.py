@@ -127,7 +127,8 @@ class RunOutputs:
     # fresh run (which may begin with the step-0 evaluation) starts the files over.
     first_step = start + 1 if start else 0
     self.writer = metrics_lib.MetricWriter(workdir, tensorboard=config.log.tensorboard,
-                                           first_step=first_step)
+                                           first_step=first_step,
+                                           wandb=metrics_lib.wandb_options(config))
     self.samples_path = os.path.join(workdir, "samples.jsonl")
     self.samples = config.log.samples
     self.lead = jax.process_index() == 0

@@ -106,10 +106,16 @@ def test_every_objective_can_be_selected(name):
   config_utils.validate(c)
 
 
+def _add_key(node, key, value):
+  with node.unlocked():
+    setattr(node, key, value)
+
+
 @pytest.mark.parametrize("config_name, change, match", [
     ("tiny", lambda c: setattr(c.loss, "name", "lad_theoretical"), "use 'lad'"),
     ("tiny", lambda c: setattr(c.loss, "name", "lad_js"), "valid objectives: .*grpo.*lad"),
-    ("tiny", lambda c: setattr(c.optim, "lrr", 1e-3), r"optim\.lrr.*optim\.lr"),
+    # A key added past the lock (a config built otherwise) is still caught by validate.
+    ("tiny", lambda c: _add_key(c.optim, "lrr", 1e-3), r"optim\.lrr.*optim\.lr"),
     ("tiny", lambda c: setattr(c.train, "mini_batches", 3), "not divisible"),
     ("tiny", lambda c: setattr(c.eval, "pass_k", (1, 8)), "pass_k"),
     ("tiny", lambda c: setattr(c.data, "train", "sudoku"), "Unknown procedural task"),
@@ -265,3 +271,53 @@ def test_range_describes_itself():
   assert not config_utils.POSITIVE.contains(float("nan"))
   assert not config_utils.COUNT.contains(True) and config_utils.COUNT.contains(3)
   assert config_utils.MESH_AXIS.contains(-1) and not config_utils.MESH_AXIS.contains(-2)
+
+
+def _load_file(path, arg=None):
+  spec = importlib.util.spec_from_file_location("config_under_test", str(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+TYPO_CONFIG = '''"""A config with a misspelt key (experiments/math_rl.py)."""
+from lad_jax import config_utils
+
+
+def get_config(arg=None):
+  c = config_utils.base_config()
+  c.optim.{key} = 1e-3
+  return config_utils.finalize(c, arg)
+'''
+
+
+def test_base_config_is_locked_except_the_free_form_fields():
+  c = config_utils.base_config()
+  assert c.is_locked and c.optim.is_locked and c.loss.hparams.lad.is_locked
+  with pytest.raises(AttributeError, match='Did you mean "lr"'):
+    c.optim.lrr = 1e-3
+  with pytest.raises(AttributeError, match='Did you mean "eta"'):
+    c.loss.hparams.lad.etaa = 0.5
+  c.optim.lr = 1e-3  # existing keys stay settable
+  c.loss.hparams.lad.eta = 0.5
+  c.data.difficulty.min_terms = 2  # FREE_FORM: forwarded as **kwargs
+  c.model.random.vocab_size = 8
+  c.model.random = dict(vocab_size=16)  # or replaced whole, as configs/tiny.py does
+  assert (c.data.difficulty.min_terms, c.model.random.vocab_size) == (2, 16)
+  assert not c.log.wandb and c.log.wandb_project == "lad-jax"
+  assert c.log.wandb_run is None and c.log.wandb_mode is None
+
+
+def test_misspelt_key_in_a_config_file_fails_at_load(tmp_path):
+  path = tmp_path / "typo.py"
+  path.write_text(TYPO_CONFIG.format(key="lrr"))
+  with pytest.raises(AttributeError, match=r'"lrr".*Did you mean "lr"'):
+    _load_file(path)
+  path.write_text(TYPO_CONFIG.format(key="lr"))
+  assert _load_file(path).optim.lr == 1e-3
+  # The entry point: one line on stderr, exit status 2.
+  path.write_text(TYPO_CONFIG.format(key="lrr"))
+  result = _run_cli(f"--config={path}")
+  assert result.returncode == 2, result.stderr[-2000:]
+  lines = result.stderr.strip().splitlines()
+  assert len(lines) == 1 and 'Did you mean "lr"' in lines[0], result.stderr[-2000:]
