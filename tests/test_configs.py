@@ -321,3 +321,4 @@ def test_misspelt_key_in_a_config_file_fails_at_load(tmp_path):
   assert result.returncode == 2, result.stderr[-2000:]
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and 'Did you mean "lr"' in lines[0], result.stderr[-2000:]
+  assert f"--config={path}: unknown config key 'lrr'." in lines[0], lines[0]
