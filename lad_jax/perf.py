@@ -51,7 +51,7 @@ def mfu(flops: float, seconds: float, *, devices: Sequence[Any]) -> Optional[flo
 
 def max_memory_allocated_gb(devices: Sequence[Any]) -> Optional[float]:
   """The largest peak of bytes in use over the devices (`memory_stats()`), in GiB; None where
-  the backend reports no statistics (CPU)."""
+  the backend reports no statistics (CPU). Pass this process's (addressable) devices only."""
   peaks = []
   for d in devices:
     stats = d.memory_stats() if hasattr(d, "memory_stats") else None

@@ -252,7 +252,9 @@ def perf_metrics(r: Rollout, timings: dict[str, float], *, num_params: int, epoc
       out[f"timing_per_token_ms/{stage}"] = 1e3 * timings[f"timing_s/{stage}"] / max(tokens, 1)
   flops = perf.update_flops(num_params=num_params, tokens=total * epochs)
   mfu = perf.mfu(flops, timings["timing_s/update_actor"], devices=devices)
-  memory = perf.max_memory_allocated_gb(devices)
+  # Memory statistics exist only for this process's devices (the peak logged is process 0's).
+  memory = perf.max_memory_allocated_gb(
+      [d for d in devices if d.process_index == jax.process_index()])
   if mfu is not None:
     out["perf/mfu/actor"] = mfu
   if memory is not None:

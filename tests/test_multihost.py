@@ -45,7 +45,7 @@ def _metrics(workdir: str) -> list[dict]:
 def _comparable(row: dict) -> dict:
   """Every numeric metric except wall-clock ones."""
   return {k: v for k, v in row.items() if isinstance(v, (int, float))
-          and k != "time" and not k.startswith(("timing_s/", "perf/"))}
+          and k != "time" and not k.startswith(("timing_s/", "timing_per_token_ms/", "perf/"))}
 
 
 def test_two_processes_equal_one(tmp_path):
