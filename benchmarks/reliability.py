@@ -49,7 +49,7 @@ def _run(workdir: str, *overrides: str) -> subprocess.CompletedProcess:
 
 
 def _error_lines(result: subprocess.CompletedProcess) -> list[str]:
-  return [ln for ln in result.stderr.splitlines() if ln.strip() and "x2num.py" not in ln]
+  return [ln for ln in result.stderr.splitlines() if ln.strip()]
 
 
 def _fingerprint(workdir: str, step: int) -> Optional[dict]:
@@ -162,7 +162,7 @@ def failed_save(p: Probe) -> None:
     time.sleep(0.05)
   resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))  # "disk full"
   stderr = proc.communicate()[1]
-  lines = [ln for ln in stderr.splitlines() if ln.strip() and "x2num.py" not in ln]
+  lines = [ln for ln in stderr.splitlines() if ln.strip()]
   intact = _fingerprint(wd, 1) is not None
   result = _run(wd)
   same = result.returncode == 0 and p.same_as_reference(wd)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import netrc
 import os
 import re
@@ -288,6 +289,9 @@ class MetricWriter:
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(logdir, purge_step=first_step)
+        # A skipped non-finite update logs NaN on purpose (actor/pg_loss, ...); tensorboardX
+        # would warn once per such scalar and bury the run's own message about it.
+        logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
       except ImportError:
         self._tb = None
 
