@@ -727,7 +727,7 @@ def check_files(config: ConfigDict) -> None:
     from lad_jax.data import sources  # pylint: disable=g-import-not-at-top
     source_dir = config.data.source_dir
     if source_dir is None:
-      missing.append(f"config.data.source_dir is not set: point it at the directory holding the "
+      missing.append("config.data.source_dir is not set: point it at the directory holding the "
                      "local dataset files (see lad_jax/data/sources.py).")
     elif config.data.task == "math":
       source_dir = os.path.expanduser(source_dir)
