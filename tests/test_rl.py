@@ -3,7 +3,6 @@ evaluation) with fakes and hand values, then two-step runs on 8 devices and exac
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 
@@ -27,26 +26,9 @@ from lad_jax.models import testing
 from lad_jax.models.tokenizer import CharTokenizer
 from lad_jax.sampler import SampleOutput
 from lad_jax.verifiers import Result
+from saved_runs import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(tmp_dir, name="lad", **changes):
-  spec = importlib.util.spec_from_file_location("config_tiny", os.path.join(ROOT, "configs",
-                                                                            "tiny.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  c = module.get_config()
-  c.loss.name = name
-  c.workdir = str(tmp_dir)
-  c.data.data_dir = str(tmp_dir / "data")
-  for key, value in changes.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
 
 
 # ------------------------------------------------------------------------------------------------

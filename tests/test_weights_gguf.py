@@ -19,14 +19,6 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
 @pytest.fixture(scope="module")
-def gguf_path():
-  try:
-    return models.find_smollm2_gguf()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def ours(gguf_path):
   return models.load_gguf(gguf_path)
 
