@@ -358,6 +358,11 @@ INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+def needs_seq_logp(name: str) -> bool:
+  """Whether the estimator reads summed response log-probs (under pi_old and pi_ref)."""
+  return INPUTS[name][0] == SEQ_LOGP_INPUTS[0]
+
+
 def needs_ref(name: str) -> bool:
   """Whether the estimator reads pi_ref's log-probs (the loop then scores the reference)."""
   return "seq_ref_logp" in INPUTS[name]
@@ -371,7 +376,7 @@ def _jitted(name: str, hparams: tuple[tuple[str, Any], ...], group_size: int):
 
   @jax.jit
   def compute_N(rewards_N, seq_old_N, seq_ref_N):
-    if INPUTS[name][0] == "seq_old_logp":
+    if needs_seq_logp(name):
       return from_groups(fn(groups(seq_old_N), groups(seq_ref_N), groups(rewards_N)))
     return from_groups(fn(groups(rewards_N)))
 
@@ -389,7 +394,7 @@ def compute(name: str, hparams: Mapping[str, Any], rewards_N: Any, *, group_size
   zeros = np.zeros_like(rewards_N)
   seq_old = zeros if seq_old_logp_N is None else np.asarray(seq_old_logp_N, np.float32)
   seq_ref = zeros if seq_ref_logp_N is None else np.asarray(seq_ref_logp_N, np.float32)
-  if INPUTS[name][0] == "seq_old_logp" and (seq_old_logp_N is None or seq_ref_logp_N is None):
+  if needs_seq_logp(name) and (seq_old_logp_N is None or seq_ref_logp_N is None):
     raise ValueError(f"Advantage estimator {name!r} needs seq_old_logp_N and seq_ref_logp_N.")
   fn = _jitted(name, tuple(sorted(dict(hparams).items())), group_size)
   return np.asarray(fn(rewards_N, seq_old, seq_ref), np.float32)

@@ -92,7 +92,7 @@ def with_advantages(batch: TrainBatch, rewards_N: np.ndarray, *, estimator: str,
   """ADVANTAGE: [N] sequence advantages of `estimator` on the [P, G] reward groups, into the
   batch (rows over the batch axes). Returns (batch, advantages on the host, for metrics)."""
   seq = {}
-  if advantages_lib.INPUTS[estimator][0] == "seq_old_logp":  # alpha-DPG: summed response logp
+  if advantages_lib.needs_seq_logp(estimator):  # alpha-DPG: summed response log-probs
     seq = dict(seq_old_logp_N=rollout_lib.to_host(_seq_sum(batch.old_logp, batch.loss_mask)),
                seq_ref_logp_N=rollout_lib.to_host(_seq_sum(batch.ref_logp, batch.loss_mask)))
   adv_N = advantages_lib.compute(estimator, hparams or {}, rewards_N, group_size=group_size,
@@ -124,9 +124,10 @@ def update(state: TrainState, batch: TrainBatch, *, train_step: Callable, mini_b
   for _ in range(epochs):
     for i in range(mini_batches):
       state, m = train_step(state, take(batch, i * rows))
-      for name, value in jax.device_get(m).items():
-        sums[name] = sums.get(name, 0.0) + float(np.asarray(value))
-      streak = float(np.asarray(m.get("nonfinite_streak", 0.0)))
+      m = {name: float(np.asarray(v)) for name, v in jax.device_get(m).items()}  # one copy
+      for name, value in m.items():
+        sums[name] = sums.get(name, 0.0) + value
+      streak = m.get("nonfinite_streak", 0.0)
       if max_nonfinite and streak >= max_nonfinite:
         raise NonFiniteError(
             f"{streak:.0f} policy updates in a row had a non-finite loss or gradient and were "

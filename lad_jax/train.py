@@ -86,12 +86,6 @@ class MasterWeightsState:
   inner: Any
 
 
-def _key_data(key: Array) -> Array:
-  if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-    return jax.random.key_data(key)
-  return jnp.asarray(key, jnp.uint32)
-
-
 def _wrap_key(key: Array) -> Array:
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
