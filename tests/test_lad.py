@@ -546,12 +546,12 @@ def test_sequence_level_hand_values_and_eq9_gradient(level, name):
   objective = objectives.get("lad", divergence=name, eta=eta, ratio_level=level)
   assert objective.agg_mode == "seq-mean-token-mean"
   loss_fn = lambda lp: objective.loss(inputs.replace(logp=lp))[0]
-  per_token, _ = objective(inputs)
-  grad = jax.grad(loss_fn)(inputs.logp)
+  per_token, loss, grad = jax.jit(lambda x: (objective(x)[0], *jax.value_and_grad(loss_fn)(
+      x.logp)))(inputs)
   want_per_token, want_grad = _sequence_reference(level, name, eta)
   np.testing.assert_allclose(per_token, want_per_token, rtol=1e-6, atol=1e-7)
   # Each response's Eq. 8 term counted once: the loss is the mean of the two terms.
-  np.testing.assert_allclose(loss_fn(inputs.logp), want_per_token[:, 0].mean(), rtol=1e-6)
+  np.testing.assert_allclose(loss, want_per_token[:, 0].mean(), rtol=1e-6)
   # Eq. 9 for the whole response: f'(x) r grad log pi(y), on every valid token, 0 on padding.
   np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
   assert np.all(np.isfinite(grad))
@@ -581,20 +581,22 @@ def test_token_level_is_todays_loss_exactly():
 
 def test_sequence_level_clamps_the_summed_log_ratio():
   # Three tokens with l = 8: the sum 24 is clamped to 20 (zero gradient), the mean 8 is not.
-  logp, old_logp = jnp.full((1, 3), 8.0), jnp.zeros((1, 3))
-  adv = jnp.asarray([1.0])
-  fn = lambda lp, level: lad.practical_per_token(lp, old_logp, adv, divergence="js", eta=1.0,
-                                                 ratio_level=level).sum()
-  clamped = lad.practical_per_token(jnp.asarray([[20.0, 0.0, 0.0]]), old_logp, adv,
-                                    divergence="js", eta=1.0, ratio_level="sequence")
-  np.testing.assert_array_equal(
-      lad.practical_per_token(logp, old_logp, adv, divergence="js", eta=1.0,
-                              ratio_level="sequence"), clamped)
-  np.testing.assert_array_equal(jax.grad(fn)(logp, "sequence"), 0.0)
-  assert np.all(jax.grad(fn)(logp, "sequence_mean") != 0.0)
+  old_logp, adv = jnp.zeros((1, 3)), jnp.asarray([1.0])
+
+  @functools.partial(jax.jit, static_argnums=1)
+  def value_and_grad(lp, level):
+    fn = lambda lp: lad.practical_per_token(lp, old_logp, adv, divergence="js", eta=1.0,
+                                            ratio_level=level)
+    return fn(lp), jax.grad(lambda lp: fn(lp).sum())(lp)
+
+  value, grad = value_and_grad(jnp.full((1, 3), 8.0), "sequence")
+  np.testing.assert_array_equal(value, value_and_grad(jnp.asarray([[20.0, 0.0, 0.0]]),
+                                                      "sequence")[0])
+  np.testing.assert_array_equal(grad, 0.0)
+  assert np.all(value_and_grad(jnp.full((1, 3), 8.0), "sequence_mean")[1] != 0.0)
   with pytest.raises(ValueError, match="ratio_level must be one of token, sequence, "
                      "sequence_mean; got 'seq'"):
-    fn(logp, "seq")
+    value_and_grad(jnp.zeros((1, 3)), "seq")
 
 
 @pytest.mark.parametrize("level", ["sequence", "sequence_mean"])
@@ -605,19 +607,24 @@ def test_sequence_level_masked_equals_sliced(level):
   garbage = inputs.replace(logp=jnp.where(pad, jnp.nan, inputs.logp),
                            old_logp=jnp.where(pad, -jnp.inf, inputs.old_logp))
   objective = objectives.get("lad", divergence="js", eta=0.5, ratio_level=level)
-  loss, grad = jax.value_and_grad(lambda lp: objective.loss(garbage.replace(logp=lp))[0])(
-      garbage.logp)
-  terms, grads = [], []
-  for i, n in enumerate(lengths):
-    row = lambda lp, i=i, n=n: lad.practical_per_token(
-        lp, inputs.old_logp[i:i + 1, :n], inputs.advantages[i:i + 1], divergence="js", eta=0.5,
-        ratio_level=level).mean()
-    term, g = jax.value_and_grad(row)(inputs.logp[i:i + 1, :n])
-    terms.append(term)
-    grads.append(np.pad(np.asarray(g[0]), (0, inputs.logp.shape[1] - n)))
-  b = len(lengths)
-  np.testing.assert_allclose(loss, np.mean(terms), rtol=1e-6)
-  np.testing.assert_allclose(grad, np.stack(grads) / b, rtol=1e-5, atol=1e-8)
+  loss, grad = jax.jit(jax.value_and_grad(
+      lambda lp: objective.loss(garbage.replace(logp=lp))[0]))(garbage.logp)
+
+  @jax.jit
+  def sliced(x):  # each response unpadded: (its token-mean loss, that loss's gradient)
+    terms, grads = [], []
+    for i, n in enumerate(lengths):
+      row = lambda lp, i=i, n=n: lad.practical_per_token(
+          lp, x.old_logp[i:i + 1, :n], x.advantages[i:i + 1], divergence="js", eta=0.5,
+          ratio_level=level).mean()
+      term, g = jax.value_and_grad(row)(x.logp[i:i + 1, :n])
+      terms.append(term)
+      grads.append(jnp.pad(g[0], (0, x.logp.shape[1] - n)))
+    return jnp.stack(terms), jnp.stack(grads)
+
+  terms, grads = sliced(inputs)
+  np.testing.assert_allclose(loss, terms.mean(), rtol=1e-6)
+  np.testing.assert_allclose(grad, grads / len(lengths), rtol=1e-5, atol=1e-8)
   assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[pad] == 0.0)
 
 
@@ -634,28 +641,42 @@ def _two_step_logp(theta1, theta2):
   return jnp.stack([first, log_p2.reshape(-1)], axis=1)
 
 
-def _exact_solution(level, divergence, log_old_BT, adv_B, eta, steps=400):
-  """theta minimising sum_y pi_old(y) (token mean of the registered objective on y), by Adam."""
+_EXACT_PROBLEMS = tuple((level, d) for d in ("kl", "js") for level in lad.RATIO_LEVELS)
+
+
+def _exact_loss(level, divergence, eta):
+  """thetas -> sum_y pi_old(y) (token mean of the registered objective on response y)."""
   objective = objectives.get("lad", divergence=divergence, eta=eta, ratio_level=level)
-  pi_old_B = jnp.exp(log_old_BT.sum(1))
-  mask = jnp.ones(log_old_BT.shape)
 
-  def loss(thetas):
-    logp_BT = _two_step_logp(*thetas)
-    per_token, _ = objective(losses.LossInputs(logp=logp_BT, old_logp=log_old_BT,
+  def loss(thetas, log_old_BT, adv_B):
+    mask = jnp.ones(log_old_BT.shape)
+    per_token, _ = objective(losses.LossInputs(logp=_two_step_logp(*thetas), old_logp=log_old_BT,
                                                advantages=adv_B, mask=mask))
-    return (pi_old_B * losses.masked_mean(per_token, mask, axis=1)).sum()
+    return (jnp.exp(log_old_BT.sum(1)) * losses.masked_mean(per_token, mask, axis=1)).sum()
 
+  return loss
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _exact_solutions(log_old_BT, adv_B, eta, steps=400):
+  """pi(y) [problems, V^2] minimising each of _EXACT_PROBLEMS by Adam from uniform logits; one
+  compile: `lax.map` over the problem index runs one `lax.switch` branch at a time."""
+  branches = [_exact_loss(level, d, eta) for level, d in _EXACT_PROBLEMS]
   opt = optax.adam(0.05)
 
-  def step(carry, _):
-    thetas, state = carry
-    updates, state = opt.update(jax.grad(loss)(thetas), state)
-    return (optax.apply_updates(thetas, updates), state), None
+  def solve(index):
+    loss = lambda thetas: jax.lax.switch(index, branches, thetas, log_old_BT, adv_B)
 
-  thetas = (jnp.zeros(_V), jnp.zeros((_V, _V)))
-  (thetas, _), _ = jax.lax.scan(step, (thetas, opt.init(thetas)), None, length=steps)
-  return jnp.exp(_two_step_logp(*thetas).sum(1))
+    def step(carry, _):
+      thetas, state = carry
+      updates, state = opt.update(jax.grad(loss)(thetas), state)
+      return (optax.apply_updates(thetas, updates), state), None
+
+    thetas = (jnp.zeros(_V), jnp.zeros((_V, _V)))
+    (thetas, _), _ = jax.lax.scan(step, (thetas, opt.init(thetas)), None, length=steps)
+    return jnp.exp(_two_step_logp(*thetas).sum(1))
+
+  return jax.lax.map(solve, jnp.arange(len(_EXACT_PROBLEMS)))
 
 
 def test_exact_mode_sequence_level_reaches_pi_old_times_exp_advantage():
@@ -667,10 +688,10 @@ def test_exact_mode_sequence_level_reaches_pi_old_times_exp_advantage():
   adv = adv - (pi_old * adv).sum()  # zero mean under pi_old, as group-normalised advantages
   eta = 0.5
   target = jax.nn.softmax(jnp.log(pi_old) + adv / eta)  # pi* ∝ pi_old e^(A/eta)
-  solve = jax.jit(_exact_solution, static_argnums=(0, 1, 5))
+  pis = _exact_solutions(log_old_BT, adv, eta)
   for divergence in ("kl", "js"):
-    tv = {level: float(_tv(solve(level, divergence, log_old_BT, adv, eta), target))
-          for level in lad.RATIO_LEVELS}
+    tv = {level: float(_tv(pi, target)) for (level, d), pi in zip(_EXACT_PROBLEMS, pis)
+          if d == divergence}
     print(f"exact 2-step problem, {divergence}: TV to pi_old e^(A/eta): "
           + ", ".join(f"{k} {v:.4f}" for k, v in tv.items()))
     assert tv["sequence"] <= 0.03, (divergence, tv)
