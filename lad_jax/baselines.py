@@ -247,7 +247,7 @@ def gspo_loss(
     eps_high: float = 4e-4,
     log_ratio_clip: float = LOG_RATIO_CLIP,
 ) -> tuple[Array, Metrics]:
-  """GSPO-token per token: PPO-clip of the sequence ratio (GSPO paper Eq. 5-7, verl "gspo").
+  """GSPO-token per token: PPO-clip of the sequence ratio (GSPO paper §4, verl "gspo").
 
     s_i     = exp(mean_t mask (logp - old_logp))        length-normalised sequence ratio
     s_{i,t} = sg(s_i) pi(y_t) / sg(pi(y_t))             value s_i, gradient s_i grad logp_t

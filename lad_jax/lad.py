@@ -16,6 +16,11 @@ value is the Eq. 8 term and its gradient is exactly the Eq. 9 term, computed as 
 the surrogate `-sg(a_hat) r` with `a_hat = -f'(x)` (see `lad_jax.divergences`), which is better
 conditioned than differentiating `e^u f(x)`: at u = 10 the value is ~1e4 while the gradient is ~5.
 
+`ratio_level` ("token" by default, "sequence", "sequence_mean") chooses whether the ratio is each
+token's, the whole response's pi_theta(y) / pi_old(y) (Eq. 4 over responses: exact mode then has
+the sequence-level optimum pi*(y) ∝ pi_old(y) e^(A(y)/eta)), or GSPO's length-normalised one; see
+`practical`.
+
 Usage:
 
   objective = objectives.get("lad", divergence="js", eta=0.25)
@@ -354,6 +359,11 @@ def theoretical_objective(
   that row's Eq. 7 value and the registered aggregation "seq-mean-token-sum" (sum / B) gives the
   mean over rows of Eq. 7. Fully masked rows count as rows with loss 0. Other aggregation modes
   give other (not meaningful) normalisations.
+
+  There is no `ratio_level` here: the second axis enumerates actions, not the tokens of one
+  response, so there is no per-token ratio to replace. Sequence-level theoretical LAD is this
+  function with the K actions being whole responses: pass each response's summed log-probs
+  (log pi_theta(y), log pi_old(y)) and A(y) as the [B, K] inputs.
 
   Returns:
     (per_action [B, K], metrics): lad/value is the mean over rows of Eq. 7; lad/tv_to_target the

@@ -208,7 +208,8 @@ def test_gspo_hand_computed_sequence_ratio_clipping_and_metrics():
 
 
 def _gspo_sequence_form(logp, inputs, eps_low, eps_high):
-  """GSPO paper Eq. 5: mean_i -min(s_i A_i, clip(s_i) A_i), s_i differentiated directly."""
+  """The GSPO paper's sequence objective: mean_i -min(s_i A_i, clip(s_i) A_i), s_i differentiated
+  directly."""
   valid = inputs.mask > 0
   log_s = jnp.where(valid, logp - inputs.old_logp, 0.0).sum(1) / valid.sum(1)
   s, adv = jnp.exp(log_s), inputs.advantages
