@@ -1,5 +1,5 @@
-"""LAD's baselines as per-token objectives: GRPO/DAPO, Dr.GRPO, FlowRL, KL-Cov, Clip-Cov, EntAdv,
-alpha-DPG and plain policy gradient.
+"""LAD's baselines as per-token objectives: GRPO/DAPO, Dr.GRPO, GSPO, FlowRL, KL-Cov, Clip-Cov,
+EntAdv, alpha-DPG and plain policy gradient.
 
 Each objective is a pure function of [B, T] arrays that returns `(per_token_BT, metrics)`; masking
 and reduction happen once, in `lad_jax.losses.aggregate`, with the aggregation mode its authors use
@@ -180,6 +180,12 @@ def ppo_clip_loss(
   return loss_BT, jax.lax.stop_gradient(metrics)
 
 
+def _check_kl_estimator(kl_estimator: str) -> None:
+  if kl_estimator not in losses.KL_ESTIMATORS:
+    raise ValueError(
+        f"Unknown KL estimator {kl_estimator!r}; valid: {', '.join(losses.KL_ESTIMATORS)}.")
+
+
 def _kl_term(
     inputs: LossInputs, kl_coef: float, kl_estimator: str, name: str
 ) -> tuple[Array, Metrics]:
@@ -217,14 +223,102 @@ set as defaults on its registry entry (`objectives.get("dapo")`); its dynamic sa
     ratio_mean/max/min, kl_loss.
   """
   del key  # deterministic
-  if kl_estimator not in losses.KL_ESTIMATORS:
-    raise ValueError(
-        f"Unknown KL estimator {kl_estimator!r}; valid: {', '.join(losses.KL_ESTIMATORS)}.")
+  _check_kl_estimator(kl_estimator)
   adv_BT = token_advantages(inputs.advantages, inputs.logp.shape)
   loss_BT, metrics = ppo_clip_loss(
       inputs.logp, inputs.old_logp, adv_BT, inputs.mask, eps_low=eps_low, eps_high=eps_high,
       clip_ratio_c=clip_ratio_c, log_ratio_clip=log_ratio_clip)
   kl_BT, kl_metrics = _kl_term(inputs, kl_coef, kl_estimator, "grpo")
+  return loss_BT + kl_BT, {**metrics, **kl_metrics}
+
+
+# ------------------------------------------------------------------------------------------------
+# GSPO (Zheng et al. 2025, arXiv 2507.18071; verl `compute_policy_loss_gspo`, ref §2.4)
+# ------------------------------------------------------------------------------------------------
+
+
+def gspo_loss(
+    logp_BT: Array,
+    old_logp_BT: Array,
+    adv_BT: Array,
+    mask_BT: Array,
+    *,
+    eps_low: float = 3e-4,
+    eps_high: float = 4e-4,
+    log_ratio_clip: float = LOG_RATIO_CLIP,
+) -> tuple[Array, Metrics]:
+  """GSPO-token per token: PPO-clip of the sequence ratio (GSPO paper §4, verl "gspo").
+
+    s_i     = exp(mean_t mask (logp - old_logp))        length-normalised sequence ratio
+    s_{i,t} = sg(s_i) pi(y_t) / sg(pi(y_t))             value s_i, gradient s_i grad logp_t
+    loss_t  = max(-A_t s_{i,t}, -A_t clip(s_{i,t}, 1 - eps_low, 1 + eps_high))   (no dual clip)
+
+  With "seq-mean-token-mean" and a sequence advantage, a response's loss is
+  -min(s_i A_i, clip(s_i) A_i) and its gradient -A_i s_i grad (1/|y_i|) log pi(y_i), GSPO's
+  sequence form; with one token per response it is `ppo_clip_loss` without the dual clip. The log
+  of s_{i,t} is clamped to +-log_ratio_clip after the stop-gradient sum, as verl (which clamps
+  above at 10), so a clamped ratio has zero gradient.
+
+  Args:
+    logp_BT, old_logp_BT: [B, T] log pi_theta (differentiable) and log pi_old.
+    adv_BT: [B, T] advantages (GRPO's sequence advantage broadcast to tokens, as verl).
+    mask_BT: [B, T] validity mask (padding gets loss 0; metrics are over valid tokens).
+    eps_low, eps_high: clip range of s [1 - eps_low, 1 + eps_high] (paper / verl recipe: 3e-4,
+      4e-4).
+    log_ratio_clip: clamp of log s_{i,t} before exp.
+
+  Returns:
+    per-token loss [B, T] fp32; metrics pg_clipfrac (fraction of valid tokens with pg2 > pg1),
+    pg_clipfrac_lower (0: no dual clip, as verl logs it), ppo_kl (masked mean of -l_t, verl's),
+    ratio_mean/max/min of s_i over valid tokens.
+  """
+  chex.assert_equal_shape([logp_BT, old_logp_BT, adv_BT, mask_BT])
+  valid_BT = mask_BT > 0
+  adv_BT = _const(_valid(adv_BT, valid_BT))
+  logp_BT = _valid(logp_BT, valid_BT)
+  old_BT = _valid(old_logp_BT, valid_BT)
+  log_s_B = losses.sequence_log_ratio(logp_BT, old_BT, mask_BT, length_normalise=True,
+                                      clip=jnp.inf)
+  # log s_{i,t} = sg(log s_i) + logp_t - sg(logp_t): the value of log s_i, the gradient of logp_t.
+  log_s_BT = jnp.clip(
+      _const(log_s_B)[:, None] + (logp_BT - _const(logp_BT)), -log_ratio_clip, log_ratio_clip)
+  s_BT = jnp.exp(log_s_BT)
+  pg1_BT = -adv_BT * s_BT
+  pg2_BT = -adv_BT * jnp.clip(s_BT, 1.0 - eps_low, 1.0 + eps_high)
+  loss_BT = jnp.where(valid_BT, jnp.maximum(pg1_BT, pg2_BT), 0.0)
+  metrics = {
+      "pg_clipfrac": masked_mean(pg2_BT > pg1_BT, mask_BT),
+      "pg_clipfrac_lower": jnp.zeros((), jnp.float32),
+      # The masked token mean of the broadcast log s_i is verl's token ppo_kl (before clamps).
+      **ratio_metrics(log_s_BT, mask_BT),
+  }
+  return loss_BT, jax.lax.stop_gradient(metrics)
+
+
+def gspo(
+    inputs: LossInputs,
+    *,
+    key: Optional[Array] = None,
+    eps_low: float = 3e-4,
+    eps_high: float = 4e-4,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    log_ratio_clip: float = LOG_RATIO_CLIP,
+) -> tuple[Array, Metrics]:
+  """GSPO objective per token (`gspo_loss`), plus an optional KL-to-reference term as `grpo`.
+
+  Registered as "gspo" with verl's GSPO recipe: seq-mean-token-mean, GRPO's group advantages, no
+  KL (kl_coef 0; ref_logp is needed only when kl_coef > 0).
+
+  Returns:
+    per-token loss [B, T] fp32; metrics as `gspo_loss`, plus kl_loss.
+  """
+  del key  # deterministic
+  _check_kl_estimator(kl_estimator)
+  adv_BT = token_advantages(inputs.advantages, inputs.logp.shape)
+  loss_BT, metrics = gspo_loss(inputs.logp, inputs.old_logp, adv_BT, inputs.mask, eps_low=eps_low,
+                               eps_high=eps_high, log_ratio_clip=log_ratio_clip)
+  kl_BT, kl_metrics = _kl_term(inputs, kl_coef, kl_estimator, "gspo")
   return loss_BT + kl_BT, {**metrics, **kl_metrics}
 
 

@@ -1,5 +1,5 @@
-"""The pieces every objective shares: inputs, aggregation, the log-ratio clamp, ratio metrics,
-KL-to-reference estimators.
+"""The pieces every objective shares: inputs, aggregation, the log-ratio clamp (per token and per
+response), ratio metrics, KL-to-reference estimators.
 
 Every objective is a pure per-token function (see `lad_jax.lad` for LAD, `lad_jax.baselines` for
 GRPO/DAPO, Dr.GRPO, FlowRL, KL-Cov, Clip-Cov, EntAdv, alpha-DPG). Masking and reduction happen once,
@@ -178,6 +178,40 @@ def log_ratio(logp: Array, old_logp: Array, *, clip=LOG_RATIO_CLIP) -> Array:
   dtype = jnp.result_type(jnp.float32, logp.dtype, old_logp.dtype)
   diff = logp.astype(dtype) - jax.lax.stop_gradient(old_logp.astype(dtype))
   return jnp.clip(diff, -clip, clip)
+
+
+def sequence_log_ratio(
+    logp: Array, old_logp: Array, mask: Array, *, length_normalise: bool = False,
+    clip=LOG_RATIO_CLIP,
+) -> Array:
+  """[B] clamped log-ratio of whole responses: log pi_theta(y) / pi_old(y) (paper Eq. 4).
+
+    l_seq = clip(sum_t mask_t (logp_t - sg(old_logp_t)), -clip, clip)
+    length_normalise: clip(l_seq_unclamped / n) with n the valid tokens, GSPO's log s_i.
+
+  The token differences are summed (not the two log-likelihoods, which are large and cancel), and
+  padding may hold anything (even -inf): `where` keeps it out of the value and the gradient. As in
+  `log_ratio`, a clamped l has zero gradient; a fully masked row gives 0.
+
+  Args:
+    logp: [B, T] log pi_theta (differentiable).
+    old_logp: [B, T] log pi_old (treated as a constant).
+    mask: [B, T] validity mask.
+    length_normalise: divide by the number of valid tokens (GSPO) instead of summing.
+    clip: the clamp (`LOG_RATIO_CLIP`); may be traced.
+
+  Returns:
+    [B] log-ratio per response, in float32 at least.
+  """
+  chex.assert_rank(logp, 2)
+  chex.assert_equal_shape([logp, old_logp, mask])
+  dtype = jnp.result_type(jnp.float32, logp.dtype, old_logp.dtype)
+  valid = mask > 0
+  diff = logp.astype(dtype) - jax.lax.stop_gradient(old_logp.astype(dtype))
+  total = jnp.where(valid, diff, 0.0).sum(axis=-1)
+  if length_normalise:
+    total = total / jnp.maximum(valid.sum(axis=-1), 1).astype(dtype)
+  return jnp.clip(total, -clip, clip)
 
 
 def _masked_max_min(x: Array, mask: Array) -> tuple[Array, Array]:

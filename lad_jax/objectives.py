@@ -9,6 +9,8 @@ branches on an objective's name:
                        KL-Cov's `kl_coef` weights |log pi - log pi_old| and is not one);
   advantage_estimator  the `lad_jax.advantages` estimator its authors use;
   agg_mode             the `losses.aggregate` reduction its authors use;
+  agg_mode_by          a hyperparameter whose value picks the reduction (LAD's ratio_level: the
+                       sequence levels reduce seq-mean-token-mean); its valid values;
   defaults             hyperparameter defaults over the function's own (DAPO is GRPO with
                        eps_high 0.28 and dual clip 10, not a second function).
 
@@ -69,6 +71,8 @@ class ObjectiveSpec:
     advantage_estimator: the advantage estimator its authors use (see `lad_jax.advantages`).
     needs: the optional `LossInputs` fields it always reads (a subset of `INPUT_FIELDS`).
     defaults: hyperparameter defaults applied over fn's own (user hyperparameters win).
+    agg_mode_by: {hyperparameter: {value: agg_mode}}: the bound value picks the reduction (unless
+      `get` is given one); the keys are its only valid values, so `get` rejects any other.
     kl_to_ref_coef: the hyperparameter weighting a KL(pi_theta || pi_ref) term, if any; a positive
       value makes the bound objective read ref_logp too.
     doc: one line for listings.
@@ -80,6 +84,8 @@ class ObjectiveSpec:
   advantage_estimator: str = "grpo"
   needs: tuple[str, ...] = ()
   defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict, hash=False)
+  agg_mode_by: Mapping[str, Mapping[str, str]] = dataclasses.field(default_factory=dict,
+                                                                    hash=False)
   kl_to_ref_coef: Optional[str] = None
   doc: str = ""
 
@@ -89,7 +95,11 @@ class ObjectiveSpec:
       raise ValueError(f"Objective {self.name!r} needs {unknown_needs}; LossInputs' optional "
                        f"fields are {', '.join(INPUT_FIELDS)}.")
     _check_agg_mode(self.agg_mode)
-    declared = list(self.defaults) + ([self.kl_to_ref_coef] if self.kl_to_ref_coef else [])
+    for modes in self.agg_mode_by.values():
+      for mode in modes.values():
+        _check_agg_mode(mode)
+    declared = [*self.defaults, *self.agg_mode_by] + (
+        [self.kl_to_ref_coef] if self.kl_to_ref_coef else [])
     _check_hparams(self.name, declared, self.hparam_names)
 
   @property
@@ -100,6 +110,21 @@ class ObjectiveSpec:
   def default_hparams(self) -> dict[str, Any]:
     """Every hyperparameter's default: fn's keyword defaults, then this entry's `defaults`."""
     return {**_signature_defaults(self.fn), **self.defaults}
+
+  def agg_mode_for(self, hparams: Mapping[str, Any]) -> str:
+    """The reduction for these bound hyperparameters (`agg_mode_by`, else `agg_mode`).
+
+    Raises:
+      ValueError: a hyperparameter of `agg_mode_by` has a value it does not list.
+    """
+    mode = self.agg_mode
+    for name, modes in self.agg_mode_by.items():
+      value = hparams.get(name, self.default_hparams().get(name))
+      if value not in modes:
+        raise ValueError(f"Objective {self.name!r} got {name}={value!r}; valid values: "
+                         f"{', '.join(modes)}.")
+      mode = modes[value]
+    return mode
 
 
 def _check_agg_mode(mode: str) -> None:
@@ -199,10 +224,17 @@ class Objective:
 # ------------------------------------------------------------------------------------------------
 
 
+# LAD's reduction by ratio_level: at the sequence levels every token holds its response's term,
+# so the token mean of each response is that term once (verl's GSPO reduction).
+_LAD_AGG_MODES = {level: "token-mean" if level == "token" else "seq-mean-token-mean"
+                  for level in lad.RATIO_LEVELS}
+
 _TABLE = (
     ObjectiveSpec(
         "lad", lad.practical, agg_mode="token-mean",
-        doc="Practical LAD (Eq. 8): e^(A/eta) f(r e^(-A/eta)) per token; JS by default."),
+        agg_mode_by={"ratio_level": _LAD_AGG_MODES},
+        doc="Practical LAD (Eq. 8): e^(A/eta) f(r e^(-A/eta)) per token (or per response with "
+            "ratio_level); JS by default."),
     ObjectiveSpec(
         "lad_theoretical", lad.theoretical_objective, agg_mode="seq-mean-token-sum",
         doc="Theoretical LAD (Eq. 7) over a full action axis: [B, K] per-action inputs."),
@@ -217,6 +249,9 @@ _TABLE = (
         "drgrpo", baselines.grpo, agg_mode="seq-mean-token-sum-norm",
         advantage_estimator="drgrpo", kl_to_ref_coef="kl_coef",
         doc="Dr.GRPO: grpo with no std in advantages, sum / (B * max length)."),
+    ObjectiveSpec(
+        "gspo", baselines.gspo, agg_mode="seq-mean-token-mean", kl_to_ref_coef="kl_coef",
+        doc="GSPO: PPO-clip of the length-normalised sequence ratio, eps 3e-4/4e-4 (verl)."),
     ObjectiveSpec(
         "flowrl", baselines.flowrl, agg_mode="seq-mean-token-sum", needs=("ref_logp", "log_z"),
         doc="FlowRL trajectory balance with a learned log Z, beta 15."),
@@ -262,7 +297,9 @@ def get(name: str, *, agg_mode: Optional[str] = None, **hparams) -> Objective:
   """Looks up a registered objective and binds its keyword-only hyperparameters.
 
   The entry's `defaults` are applied first and `hparams` over them, so
-  `get("dapo", eps_high=0.3)` is DAPO with eps_high 0.3 and dual clip 10.
+  `get("dapo", eps_high=0.3)` is DAPO with eps_high 0.3 and dual clip 10. The aggregation is the
+  entry's (`ObjectiveSpec.agg_mode_for`: `get("lad", ratio_level="sequence")` reduces
+  seq-mean-token-mean) unless agg_mode is given.
 
   Args:
     name: one of `names()`.
@@ -271,12 +308,15 @@ def get(name: str, *, agg_mode: Optional[str] = None, **hparams) -> Objective:
 
   Raises:
     ValueError: unknown name (listing the valid ones), unknown hyperparameter (listing the
-      accepted ones), or unknown aggregation mode.
+      accepted ones), a value `agg_mode_by` does not list (e.g. LAD's ratio_level), or unknown
+      aggregation mode.
   """
   if name not in SPECS:
     raise ValueError(f"Unknown objective {name!r}; valid objectives: {', '.join(names())}.")
   spec = SPECS[name]
   _check_hparams(name, hparams, spec.hparam_names)
-  mode = spec.agg_mode if agg_mode is None else agg_mode
+  bound = {**spec.defaults, **hparams}
+  own_mode = spec.agg_mode_for(bound)  # checks the agg_mode_by values even when overridden
+  mode = own_mode if agg_mode is None else agg_mode
   _check_agg_mode(mode)
-  return Objective(spec=spec, hparams={**spec.defaults, **hparams}, agg_mode=mode)
+  return Objective(spec=spec, hparams=bound, agg_mode=mode)

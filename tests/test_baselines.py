@@ -22,12 +22,13 @@ from lad_jax import losses
 from lad_jax import objectives
 from lad_jax.losses import LossInputs
 
-BASELINES = ("alpha_dpg", "clip_cov", "dapo", "drgrpo", "entadv", "flowrl", "grpo", "kl_cov", "pg")
+BASELINES = ("alpha_dpg", "clip_cov", "dapo", "drgrpo", "entadv", "flowrl", "grpo", "gspo", "kl_cov",
+             "pg")
 SPECS = {name: objectives.SPECS[name] for name in BASELINES}
 KEY = jax.random.key(0)
 # One entry per distinct function / aggregation: dapo and drgrpo are grpo with other defaults or
 # aggregation, pg is alpha_dpg's REINFORCE with token-mean; the registry test covers them.
-GENERIC = ["alpha_dpg", "clip_cov", "entadv", "flowrl", "grpo", "kl_cov"]
+GENERIC = ["alpha_dpg", "clip_cov", "entadv", "flowrl", "grpo", "gspo", "kl_cov"]
 
 
 def _inputs(logp, old_logp, adv, mask=None, **extra) -> LossInputs:
@@ -164,6 +165,86 @@ def test_grpo_kl_to_reference(estimator):
     baselines.grpo(inputs.replace(ref_logp=None), kl_coef=0.1)
   with pytest.raises(ValueError, match="valid: k1, k2, k3"):
     baselines.grpo(inputs, kl_estimator="k4")
+
+
+# ------------------------------------------------------------------------------------------------
+# GSPO (Zheng et al. 2025; verl compute_policy_loss_gspo, ref §2.4)
+# ------------------------------------------------------------------------------------------------
+
+# Four responses, T = 3, eps 3e-4 / 4e-4 (the defaults); l per token, s = e^(mean of valid l):
+#   r0 A=+1 l=[0.3, -0.1, 0.1]  s=e^0.1  > 1.0004 -> clipped, loss -1.0004, no gradient
+#   r1 A=-1 l=[-0.2, -0.4, pad] s=e^-0.3 < 0.9997 -> clipped, loss 0.9997, no gradient
+#   r2 A=+1 l=[-0.1, -0.2, -0.3] s=e^-0.2: max(-s, -0.9997) = -s, unclipped
+#   r3 A=-1 l=[0.5, pad, pad]   s=e^0.5: max(s, 1.0004) = s, unclipped
+_GSPO_L = np.array([[0.3, -0.1, 0.1], [-0.2, -0.4, 0.0], [-0.1, -0.2, -0.3], [0.5, 0.0, 0.0]])
+_GSPO_MASK = np.array([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]], np.float32)
+_GSPO_A = np.array([1.0, -1.0, 1.0, -1.0])
+_GSPO_S = np.exp([0.1, -0.3, -0.2, 0.5])
+
+
+def _gspo_case():
+  old = np.full((4, 3), -1.5)
+  logp = np.where(_GSPO_MASK > 0, old + _GSPO_L, np.nan)  # padding holds garbage
+  return _inputs(logp, old, _GSPO_A, _GSPO_MASK)
+
+
+def test_gspo_hand_computed_sequence_ratio_clipping_and_metrics():
+  loss, per_token, metrics, grad, _ = _value_and_grads("gspo", _gspo_case())
+  want = np.array([-1.0004, 0.9997, -_GSPO_S[2], _GSPO_S[3]])[:, None] * _GSPO_MASK
+  np.testing.assert_allclose(per_token, want, rtol=1e-6)
+  np.testing.assert_allclose(loss, want.sum(1) / _GSPO_MASK.sum(1) @ np.full(4, 0.25), rtol=1e-6)
+  # Clipped responses: zero gradient; unclipped: -A s / (B |y|) on each valid token.
+  n = _GSPO_MASK.sum(1)
+  want_grad = np.where([[0], [0], [1], [1]], (-_GSPO_A * _GSPO_S / (4 * n))[:, None], 0.0)
+  np.testing.assert_allclose(grad, want_grad * _GSPO_MASK, rtol=1e-5, atol=1e-8)
+  valid = _GSPO_MASK > 0
+  np.testing.assert_allclose(metrics["pg_clipfrac"], 5 / 9, rtol=1e-6)  # r0, r1's tokens
+  assert float(metrics["pg_clipfrac_lower"]) == 0.0 and float(metrics["kl_loss"]) == 0.0
+  np.testing.assert_allclose(metrics["ppo_kl"], -_GSPO_L[valid].mean(), rtol=1e-5)
+  s_tokens = np.broadcast_to(_GSPO_S[:, None], (4, 3))[valid]
+  np.testing.assert_allclose(metrics["ratio_mean"], s_tokens.mean(), rtol=1e-6)
+  np.testing.assert_allclose([metrics["ratio_max"], metrics["ratio_min"]],
+                             [_GSPO_S[3], _GSPO_S[1]], rtol=1e-6)
+
+
+def _gspo_sequence_form(logp, inputs, eps_low, eps_high):
+  """The GSPO paper's sequence objective: mean_i -min(s_i A_i, clip(s_i) A_i), s_i differentiated
+  directly."""
+  valid = inputs.mask > 0
+  log_s = jnp.where(valid, logp - inputs.old_logp, 0.0).sum(1) / valid.sum(1)
+  s, adv = jnp.exp(log_s), inputs.advantages
+  return -jnp.minimum(s * adv, jnp.clip(s, 1 - eps_low, 1 + eps_high) * adv).mean()
+
+
+@pytest.mark.parametrize("eps", [(3e-4, 4e-4), (0.1, 0.1)])
+def test_gspo_token_form_gradient_equals_sequence_form(eps):
+  inputs = _random_inputs(7, b=8, t=6, scale=0.6)
+  loss, _, _, grad, _ = _value_and_grads("gspo", inputs, eps_low=eps[0], eps_high=eps[1])
+  seq_loss, seq_grad = jax.jit(jax.value_and_grad(_gspo_sequence_form), static_argnums=(2, 3))(
+      inputs.logp, inputs, *eps)
+  np.testing.assert_allclose(loss, seq_loss, rtol=1e-6)
+  np.testing.assert_allclose(grad, seq_grad, rtol=1e-5, atol=1e-8)
+  assert np.any(np.asarray(grad) != 0.0)
+
+
+def test_gspo_equals_grpo_without_dual_clip_on_one_token_responses():
+  # One valid token per response (at different positions): s_i = r_t, so GSPO is PPO-clip.
+  l = np.array([0.5, 0.1, -0.5, 1e-4, -1e-4, 2.0])
+  mask = np.zeros((6, 3), np.float32)
+  mask[np.arange(6), [0, 2, 1, 0, 1, 2]] = 1.0
+  old = np.full((6, 3), -1.0)
+  adv = np.array([1.0, -1.0, -1.0, 1.0, -1.0, -1.0])
+  inputs = _inputs(old + l[:, None] * mask, old, adv, mask)
+  for eps_low, eps_high in ((3e-4, 4e-4), (0.2, 0.28)):
+    _, per_token, _, grad, _ = _value_and_grads("gspo", inputs, eps_low=eps_low, eps_high=eps_high)
+    ppo = lambda lp: baselines.ppo_clip_loss(
+        lp, inputs.old_logp, jnp.broadcast_to(inputs.advantages[:, None], (6, 3)), inputs.mask,
+        eps_low=eps_low, eps_high=eps_high, clip_ratio_c=None)[0] * mask
+    # seq-mean-token-mean of one-token responses is the mean over the 6 valid tokens.
+    want, want_grad = jax.jit(lambda lp: (ppo(lp), jax.grad(lambda x: ppo(x).sum() / 6)(lp)))(
+        inputs.logp)
+    np.testing.assert_allclose(per_token, want, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-6, atol=1e-9)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -445,6 +526,10 @@ def test_registered_entries():
   assert SPECS["drgrpo"].advantage_estimator == "drgrpo"
   assert SPECS["alpha_dpg"].advantage_estimator == "alpha_dpg"
   assert SPECS["flowrl"].agg_mode == "seq-mean-token-sum"
+  assert SPECS["gspo"].agg_mode == "seq-mean-token-mean"
+  assert SPECS["gspo"].advantage_estimator == "grpo" and SPECS["gspo"].kl_to_ref_coef == "kl_coef"
+  gspo = objectives.get("gspo")
+  assert gspo.needs == () and (gspo.hparam("eps_low"), gspo.hparam("eps_high")) == (3e-4, 4e-4)
   with pytest.raises(ValueError, match="accepts: eps_low, eps_high"):
     objectives.get("grpo", clip_ratio=0.2)
   with pytest.raises(ValueError, match="needs LossInputs.entropy"):

@@ -13,8 +13,8 @@ from lad_jax import lad
 from lad_jax import losses
 from lad_jax import objectives
 
-ALL = ("alpha_dpg", "clip_cov", "dapo", "drgrpo", "entadv", "flowrl", "grpo", "kl_cov", "lad",
-       "lad_theoretical", "pg")
+ALL = ("alpha_dpg", "clip_cov", "dapo", "drgrpo", "entadv", "flowrl", "grpo", "gspo", "kl_cov",
+       "lad", "lad_theoretical", "pg")
 # A 2 x 4 batch: row 0 has 3 valid tokens, row 1 has 1 (as test_losses.py).
 PER_TOKEN = jnp.asarray([[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]])
 MASK = jnp.asarray([[1, 1, 1, 0], [1, 0, 0, 0]], jnp.float32)
@@ -49,6 +49,7 @@ def test_names_list_every_objective():
   assert objectives.SPECS["lad_theoretical"].fn is lad.theoretical_objective
   for name in ("grpo", "dapo", "drgrpo"):
     assert objectives.SPECS[name].fn is baselines.grpo
+  assert objectives.SPECS["gspo"].fn is baselines.gspo
   assert not hasattr(baselines, "dapo") and not hasattr(baselines, "OBJECTIVES")
   assert not hasattr(lad, "OBJECTIVES")
   for gone in ("get", "names", "Objective", "ObjectiveSpec"):
@@ -61,6 +62,8 @@ def test_names_list_every_objective():
     ("lad", "token-mean", "grpo"),
     ("lad_theoretical", "seq-mean-token-sum", "grpo"),
     ("grpo", "token-mean", "grpo"),
+    # verl's GSPO recipe: seq-mean-token-mean, GRPO's group advantages (and no KL, NEEDS below).
+    ("gspo", "seq-mean-token-mean", "grpo"),
     ("dapo", "token-mean", "grpo"),
     ("drgrpo", "seq-mean-token-sum-norm", "drgrpo"),
     ("flowrl", "seq-mean-token-sum", "grpo"),
@@ -92,6 +95,32 @@ def test_lookup_errors_name_the_valid_choices():
   with pytest.raises(ValueError, match="Unknown aggregation mode 'token-sum'; valid modes: "
                      "token-mean, seq-mean-token-mean"):
     objectives.get("lad", agg_mode="token-sum")
+  # A bad ratio_level is refused by `get` (before any call), also with an explicit agg_mode.
+  for agg_mode in (None, "token-mean"):
+    with pytest.raises(ValueError, match=r"^Objective 'lad' got ratio_level='seq'; valid values: "
+                       r"token, sequence, sequence_mean\.$"):
+      objectives.get("lad", ratio_level="seq", agg_mode=agg_mode)
+
+
+def test_lad_ratio_level_picks_its_aggregation():
+  # The sequence levels hold each response's term on every token: seq-mean-token-mean counts it
+  # once per response (lad.practical's docstring); the token level keeps token-mean.
+  assert objectives.get("lad").agg_mode == "token-mean"
+  assert objectives.get("lad", ratio_level="token").agg_mode == "token-mean"
+  for level in ("sequence", "sequence_mean"):
+    objective = objectives.get("lad", ratio_level=level, eta=0.5)
+    assert objective.agg_mode == "seq-mean-token-mean"
+    assert objective.hparams == {"ratio_level": level, "eta": 0.5}
+    assert objectives.get("lad", ratio_level=level, agg_mode="token-mean").agg_mode == "token-mean"
+  assert objectives.SPECS["lad"].default_hparams()["ratio_level"] == "token"
+  # The bound level reaches the function, and `loss` reduces with the level's aggregation.
+  inputs = _random_inputs(1)
+  loss, _ = objectives.get("lad", ratio_level="sequence").loss(inputs)
+  per_token = lad.practical_per_token(inputs.logp, inputs.old_logp, inputs.advantages,
+                                      mask=inputs.mask, ratio_level="sequence")
+  np.testing.assert_allclose(
+      loss, losses.aggregate(per_token, inputs.mask, "seq-mean-token-mean"), rtol=1e-6)
+  assert float(loss) != float(losses.aggregate(per_token, inputs.mask, "token-mean"))
 
 
 def test_one_log_ratio_clamp_name_and_default_everywhere():
@@ -142,6 +171,9 @@ NEEDS = [
     ("grpo", {}, False, False, False),
     ("grpo", {"kl_coef": 0.0}, False, False, False),
     ("grpo", {"kl_coef": 1e-3}, True, False, False),
+    ("gspo", {}, False, False, False),
+    ("gspo", {"kl_coef": 1e-3}, True, False, False),
+    ("lad", {"ratio_level": "sequence"}, False, False, False),
     ("dapo", {}, False, False, False),
     ("dapo", {"kl_coef": 0.1}, True, False, False),
     ("drgrpo", {"kl_coef": 0.1}, True, False, False),
@@ -227,3 +259,7 @@ def test_spec_rejects_inconsistent_entries():
     objectives.ObjectiveSpec("fake", fake, kl_to_ref_coef="kl_coef")
   with pytest.raises(ValueError, match="Unknown aggregation mode 'mean'"):
     objectives.ObjectiveSpec("fake", fake, agg_mode="mean")
+  with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['level'\]"):
+    objectives.ObjectiveSpec("fake", fake, agg_mode_by={"level": {"a": "token-mean"}})
+  with pytest.raises(ValueError, match="Unknown aggregation mode 'mean'"):
+    objectives.ObjectiveSpec("fake", fake, agg_mode_by={"scale": {1.0: "mean"}})
