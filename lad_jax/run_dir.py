@@ -24,6 +24,7 @@ import shutil
 import time
 from typing import Any, Iterable, Optional
 
+from lad_jax import config_utils
 from lad_jax.config_utils import ConfigError
 
 CONFIG_FILE = "config.json"
@@ -118,15 +119,20 @@ def config_differences(old: Any, new: Any) -> list[tuple[str, Any, Any]]:
   """(key, old value, new value) of every difference between two configs that changes the run.
 
   Keys in `NON_RUN_KEYS` and the hyperparameters of objectives / estimators that neither config
-  uses are left out. A key only one config has (a schema change) counts, with `<absent>`.
+  uses are left out. A key only one config has (a schema change) counts, with `<absent>`,
+  unless it is new to the schema and set to the schema's default: a run saved before the key
+  existed behaved as that default does, so resuming it under a newer version changes nothing.
   """
   old, new = _flatten(as_dict(old)), _flatten(as_dict(new))
   skip = NON_RUN_KEYS + tuple(_unused_hparams(old, new))
+  defaults = _flatten(as_dict(config_utils.base_config()))
   diffs = []
   for key in sorted(set(old) | set(new)):
     if _matches(key, skip):
       continue
     a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+    if a == "<absent>" and key in defaults and b == defaults[key]:
+      continue
     if a != b:
       diffs.append((key, a, b))
   return diffs

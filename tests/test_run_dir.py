@@ -148,3 +148,18 @@ def test_archive_previous_moves_the_old_run_aside(tmp_path, base):
   assert sorted(os.listdir(workdir)) == ["previous"]
   assert run_dir.archive_previous(workdir) is None
   run_dir.check_resume(workdir, _copy(base))  # nothing left to compare
+
+
+def test_key_new_to_the_schema_at_its_default_resumes(tmp_path, base):
+  """A run saved before a key existed resumes when the key keeps its default, not otherwise."""
+  workdir = _started(tmp_path, base)
+  with open(run_dir.config_path(workdir)) as f:
+    saved = json.load(f)
+  del saved["loss"]["hparams"]["lad"]["ratio_level"]  # as saved by an older version
+  with open(run_dir.config_path(workdir), "w") as f:
+    json.dump(saved, f)
+  run_dir.check_resume(workdir, base)
+  changed = _copy(base)
+  changed.loss.hparams.lad.ratio_level = "sequence"
+  with pytest.raises(config_utils.ConfigError, match="ratio_level: <absent> -> \"sequence\""):
+    run_dir.check_resume(workdir, changed)
