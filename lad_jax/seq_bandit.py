@@ -12,13 +12,19 @@ Modes:
   exact    each update is the real `train.train_step` on a TrainBatch of all P x 100 responses
            with pi_old's token log-probs, the exact advantages of the method's estimator
            (`seq_bandit_methods.exact_advantages`) and the per-row weight Y pi_old(y|x) folded
-           into the objective (`weighted_objective`): the loss is the expectation of the sampled
-           loss under pi_old. Theoretical LAD takes the [P, 100] sequence log-probs directly.
+           into the objective (`combined_objective`): the loss is the expectation of the sampled
+           loss under pi_old, over the 100 well-formed responses (pi_old renormalised on them;
+           the mass outside them, ~1e-4 for pi_0, is not in the expectation, so a loss whose
+           per-response gradient has a constant part, e.g. LAD-KL's f'(1) = 1, can move mass
+           there: it is reported and counted as incorrect). Theoretical LAD takes the [P, 100]
+           sequence log-probs directly.
   sampled  at each phase start the real `Sampler` draws K x G responses per prompt from pi_old
            (temperature 1, no truncation); update k trains on the k-th G of each prompt with the
            estimator's group advantages (`advantages.compute`), through the same `train_step`.
 
-Seeds are vmapped (one compile per method and mode); each seed has its own pi_0 and sampling key.
+Methods that share an aggregation, estimator and log Z head (`seq_bandit_methods.group_key`) run
+in one compiled program, vmapped over rows = methods x seeds (the method picked by a traced
+index); each seed has its own pi_0 and sampling key, the same for every method.
 """
 
 from __future__ import annotations

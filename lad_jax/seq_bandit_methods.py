@@ -1,4 +1,4 @@
-"""The sequence bandit's methods (registry objectives), exact advantages and weighted objective.
+"""The sequence bandit's methods (registry objectives), exact advantages and combined objective.
 
 Every method is a registered objective (`lad_jax.objectives.get`) with the advantage estimator
 its registry entry names (`Objective.advantage_estimator`):
@@ -152,7 +152,7 @@ def exact_advantages(estimator: str, q_PY, correct_PY, logp0_PY, *, eps: float =
 
 
 # ------------------------------------------------------------------------------------------------
-# The weighted objective (exact mode)
+# One objective for a group of methods, with per-row weights (exact mode)
 # ------------------------------------------------------------------------------------------------
 
 

@@ -19,8 +19,9 @@ P, Y = 2, 100
 
 @pytest.fixture(scope="module")
 def setup():
-  """Two prompt types, one seed, pi_0 pre-trained; one phase of 60 exact updates per run."""
-  config = seq_bandit.SeqBanditConfig(num_prompts=P, phases=1, steps_per_phase=60, log_every=30)
+  """Two prompt types, one seed, pi_0 pre-trained; one phase of 120 exact updates per run."""
+  config = seq_bandit.SeqBanditConfig(num_prompts=P, phases=1, steps_per_phase=120,
+                                      log_every=60)
   return seq_bandit.make_setup(config, seeds=(0,))
 
 
