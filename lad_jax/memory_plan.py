@@ -24,7 +24,7 @@ import dataclasses
 import math
 import os
 import types
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -335,65 +335,99 @@ def _full_depth_resident(config, model_cfg: ModelConfig, tx: Any, mesh: Any, mod
   return r.total
 
 
+class _Step(NamedTuple):
+  """What the loop's builders make for one step, abstractly."""
+
+  mesh: Any
+  model_cfg: ModelConfig
+  objective: Any
+  tx: Any
+  ref_needed: bool
+  state: Any  # abstract TrainState with shardings
+  state_shardings: Any
+  sampler: Any
+  layout: Layout
+
+
+def _setup(config, *, model_shape: Optional[str], num_layers: Optional[int], platform: str
+           ) -> _Step:
+  mesh = components.make_mesh(config)
+  model_cfg = model_config(config, model_shape=model_shape, num_layers=num_layers)
+  objective, estimator = components.make_objective(config)
+  tx = components.make_optimizer(config)
+  state, state_sh = abstract_train_state(model_cfg, tx, mesh,
+                                         with_logz_head=objective.needs_log_z)
+  sampler = make_sampler(config, model_cfg, mesh, platform)
+  return _Step(mesh=mesh, model_cfg=model_cfg, objective=objective, tx=tx,
+               ref_needed=components.needs_ref(objective, estimator), state=state,
+               state_shardings=state_sh, sampler=sampler, layout=_layout(config, mesh, sampler))
+
+
+def _batch(s: _Step, rows: int) -> train_lib.TrainBatch:
+  return abstract_batch(rows, s.layout, s.mesh, with_ref=s.ref_needed,
+                        with_prompt_mask=s.objective.needs_log_z)
+
+
+def _resident_of(s: _Step) -> Resident:
+  lay = s.layout
+  rows = lay.per_call * lay.group_size
+  cache = with_shardings(
+      jax.eval_shape(lambda: s.sampler._empty_cache(rows, lay.length)),  # pylint: disable=protected-access
+      s.sampler._cache_shardings(rows, lay.length))  # pylint: disable=protected-access
+  return _resident(s.state, s.ref_needed, bytes_per_device(cache), _batch(s, lay.rows))
+
+
+def _programs(config, s: _Step, res: Resident, log: Callable[[str], None]
+              ) -> tuple[ProgramMemory, ...]:
+  """prefill, decode, score_logp, train_step: compiled, with what stays resident beside each."""
+  lay, params = s.layout, s.state.params["model"]
+  # While sampling and scoring: the optimizer state, the reference model (and a log Z head).
+  beside = res.master + res.moments + res.ref_params + res.params - bytes_per_device(params)
+  rows = lay.per_call * lay.group_size
+  log(f"compiling prefill + decode ({rows} rows x {lay.length})")
+  prefill, decode = lower_sampler(s.sampler, params, lay, config)
+  out = [measure(name, lowered, shape=f"{rows}x{lay.length}", rows=rows, resident_other=beside)
+         for name, lowered in (("prefill", prefill), ("decode", decode))]
+  log(f"compiling score_logp ({lay.rows} rows x {lay.length})")
+  out.append(measure("score_logp", lower_score(config, s.model_cfg, s.mesh, params, lay),
+                     shape=f"{lay.rows}x{lay.length}", rows=lay.rows,
+                     resident_other=beside + res.batch))
+  rows = lay.rows // lay.mini_batches
+  log(f"compiling train_step ({rows} rows x {lay.length}, {lay.micro_batches} micro-batches)")
+  spec = step_spec(config, s.model_cfg, s.objective, s.tx)
+  out.append(measure(
+      "train_step", lower_train_step(spec, s.mesh, s.state, s.state_shardings, _batch(s, rows)),
+      shape=f"{rows}x{lay.length}/{lay.micro_batches}", rows=rows // lay.micro_batches,
+      resident_other=res.ref_params + res.batch))
+  return tuple(out)
+
+
 def build_plan(config, *, device_memory_gb: float, model_shape: Optional[str] = None,
                num_layers: Optional[int] = None, platform: str = "gpu",
                log: Callable[[str], None] = lambda s: None) -> Plan:
   """Lowers and compiles every program of one RL step of `config` and collects their memory.
 
   Args:
-    config: a validated run config (configs/*.py).
+    config: a run config (configs/*.py); validated here.
     device_memory_gb: memory of one accelerator, GiB; the budget is this x the memory fraction
-      (config.runtime.memory_fraction, or XLA_PYTHON_CLIENT_MEM_FRACTION if set).
+      (config.runtime.memory_fraction, or XLA_PYTHON_CLIENT_MEM_FRACTION if set: rl.memory_fraction).
     model_shape, num_layers: see `model_config`; num_layers cuts the depth (faster compiles).
     platform: the accelerator the run targets (the sampler's cache layout depends on it).
     log: progress lines (each compile can take minutes at 7B scale on CPU).
   """
   config_utils.validate(config)
-  mesh = components.make_mesh(config)
-  model_cfg = model_config(config, model_shape=model_shape, num_layers=num_layers)
-  objective, estimator = components.make_objective(config)
-  tx = components.make_optimizer(config)
-  ref_needed = components.needs_ref(objective, estimator)
-  state, state_sh = abstract_train_state(model_cfg, tx, mesh,
-                                         with_logz_head=objective.needs_log_z)
-  params = state.params["model"]
-  sampler = make_sampler(config, model_cfg, mesh, platform)
-  layout = _layout(config, mesh, sampler)
-  batch = abstract_batch(layout.rows, layout, mesh, with_ref=ref_needed,
-                         with_prompt_mask=objective.needs_log_z)
-  cache_rows = layout.per_call * layout.group_size
-  cache = with_shardings(jax.eval_shape(  # pylint: disable=protected-access
-      lambda: sampler._empty_cache(cache_rows, layout.length)),
-      sampler._cache_shardings(cache_rows, layout.length))  # pylint: disable=protected-access
-  res = _resident(state, ref_needed, bytes_per_device(cache), batch)
-  opt_and_ref = res.master + res.moments + res.ref_params + (res.params - bytes_per_device(params))
-  programs = []
-  log(f"compiling prefill + decode ({cache_rows} rows x {layout.length})")
-  prefill, decode = lower_sampler(sampler, params, layout, config)
-  for name, lowered in (("prefill", prefill), ("decode", decode)):
-    programs.append(measure(name, lowered, shape=f"{cache_rows}x{layout.length}",
-                            rows=cache_rows, resident_other=opt_and_ref))
-  log(f"compiling score_logp ({layout.rows} rows x {layout.length})")
-  programs.append(measure(
-      "score_logp", lower_score(config, model_cfg, mesh, params, layout),
-      shape=f"{layout.rows}x{layout.length}", rows=layout.rows,
-      resident_other=opt_and_ref + res.batch))
-  rows = layout.rows // layout.mini_batches
-  log(f"compiling train_step ({rows} rows x {layout.length}, {layout.micro_batches} micro)")
-  mini = abstract_batch(rows, layout, mesh, with_ref=ref_needed,
-                        with_prompt_mask=objective.needs_log_z)
-  spec = step_spec(config, model_cfg, objective, tx)
-  programs.append(measure(
-      "train_step", lower_train_step(spec, mesh, state, state_sh, mini),
-      shape=f"{rows}x{layout.length}/{layout.micro_batches}", rows=rows // layout.micro_batches,
-      resident_other=res.ref_params + res.batch))
+  s = _setup(config, model_shape=model_shape, num_layers=num_layers, platform=platform)
+  res = _resident_of(s)
+  programs = _programs(config, s, res, log)
+  full = 0
+  if num_layers:
+    full = _full_depth_resident(config, s.model_cfg, s.tx, s.mesh, model_shape, s.ref_needed,
+                                s.objective.needs_log_z)
   fraction = rl.memory_fraction(config)
   device_memory = int(device_memory_gb * GIB)
-  full = _full_depth_resident(config, model_cfg, tx, mesh, model_shape, ref_needed,
-                              objective.needs_log_z) if num_layers else 0
-  return Plan(config=config, model_cfg=model_cfg, layout=layout, programs=tuple(programs),
+  return Plan(config=config, model_cfg=s.model_cfg, layout=s.layout, programs=programs,
               resident=res, budget=int(device_memory * fraction), device_memory=device_memory,
-              memory_fraction=fraction, num_devices=mesh.devices.size,
+              memory_fraction=fraction, num_devices=s.mesh.devices.size,
               full_depth_resident=full or None)
 
 
