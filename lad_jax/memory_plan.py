@@ -488,7 +488,8 @@ def _advice_score(plan: Plan, p: ProgramMemory) -> str:
   room = plan.budget - _fixed(p)
   if room <= 0:
     return "the state alone is over budget: more fsdp devices (mesh)"
-  rows = int(p.rows * room / p.temps) if p.temps else p.rows
+  step = plan.layout.batch_devices
+  rows = (int(p.rows * room / p.temps) if p.temps else p.rows) // step * step
   return (f"score in micro-batches of <= {rows} rows (now all {p.rows} at once; needs the "
           f"micro-batched scoring), or train.chunk_size (now {plan.config.train.chunk_size})")
 
