@@ -260,6 +260,19 @@ def _log_section() -> ConfigDict:
   return s
 
 
+def _runtime_section() -> ConfigDict:
+  """How the process uses its accelerators.
+
+  memory_fraction: the share of each GPU's memory jax's allocator takes at start-up (exported as
+  XLA_PYTHON_CLIENT_MEM_FRACTION before the backend starts, by `rl.train_and_evaluate`; a value
+  already in the environment wins). benchmarks/memory_plan.py checks every program of a step
+  against device memory x this fraction. In (0, 1].
+  """
+  s = ConfigDict()
+  s.memory_fraction = 0.90
+  return s
+
+
 def base_config() -> ConfigDict:
   """Every key the RL loop reads, with defaults (a CPU-sized SmolLM2 chain_sum run)."""
   c = ConfigDict()
@@ -283,6 +296,7 @@ def base_config() -> ConfigDict:
   c.eval = _eval_section()
   c.checkpoint = _checkpoint_section()
   c.log = _log_section()
+  c.runtime = _runtime_section()
 
   # Multi-host: True calls jax.distributed.initialize() (auto-detects SLURM / TPU / the
   # JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID environment variables).
@@ -464,6 +478,8 @@ CONFIG_RANGES: dict[str, Range] = {
     "eval.max_new_tokens": Range(1, integer=True, none="sampling.max_new_tokens"),
     "checkpoint.every": NONNEG_INT, "checkpoint.max_to_keep": COUNT,
     "log.samples": Range(0, integer=True, extra=(-1,), why="-1: every rollout of a step"),
+    "runtime.memory_fraction": Range(0, 1, lo_open=True, why=(
+        "the share of GPU memory jax's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION)")),
 }
 
 # Objective and advantage-estimator hyperparameters by name ("owner.name" wins over "name"); see

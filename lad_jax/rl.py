@@ -364,6 +364,7 @@ def train_and_evaluate(config, *, task: Optional[tasks_lib.Task] = None
   """
   config_utils.validate(config)
   config_utils.check_files(config)
+  export_memory_fraction(config)  # before anything starts the jax backend
   components.maybe_initialize_distributed(config)
   workdir = report.workdir(config)
   _prepare_workdir(config, workdir)
@@ -395,6 +396,25 @@ def train_and_evaluate(config, *, task: Optional[tasks_lib.Task] = None
     if config.compile_cache_dir:
       for name, value in previous_cache.items():
         jax.config.update(name, value)
+
+
+MEM_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def memory_fraction(config) -> float:
+  """The GPU memory share the run's allocator gets: XLA_PYTHON_CLIENT_MEM_FRACTION if the user
+  set it, else config.runtime.memory_fraction (what `export_memory_fraction` exports)."""
+  value = os.environ.get(MEM_FRACTION_ENV)
+  return float(value) if value else float(config.runtime.memory_fraction)
+
+
+def export_memory_fraction(config) -> None:
+  """Sets XLA_PYTHON_CLIENT_MEM_FRACTION from config.runtime.memory_fraction unless already set.
+
+  jax reads it once, when the GPU backend starts (the first device use), so this must run before
+  `maybe_initialize_distributed` or any `jax.devices()`; later it has no effect.
+  """
+  os.environ.setdefault(MEM_FRACTION_ENV, f"{float(config.runtime.memory_fraction):g}")
 
 
 def _prepare_workdir(config, workdir: str) -> None:
