@@ -114,11 +114,11 @@ def test_rope_frequencies_match_transformers(rope_parameters):
 
 
 @pytest.mark.parametrize("impl,empty,per_layer", [
-    ("einsum", False, False), ("einsum", True, False), ("jax", False, False),
-    ("einsum", False, True), ("einsum", True, True), ("jax", False, True)])
+    ("einsum", False, False), ("einsum", True, False), ("blockwise", True, False),
+    ("einsum", False, True), ("einsum", True, True), ("blockwise", True, True)])
 def test_cached_decoding_equals_full_forward(checkpoints, impl, empty, per_layer):
   """Prefill left-padded prompts, then 3 single-token steps and a 2-token chunk; the prefill
-  reads the empty cache or not (`cache_is_empty`), with either attention implementation, into
+  reads the empty cache or not (`cache_is_empty`, einsum or blockwise attention then), into
   a stacked cache (layer scan) or a per-layer one (layers unrolled, written then read)."""
   _, cfg, params = checkpoints["qwen2_untied"]
   cfg = cfg.replace(attention_impl=impl)
@@ -316,7 +316,7 @@ def test_forward_logprobs_aligns_scores_with_tokens(checkpoints):
 
 @pytest.mark.parametrize("overrides", [
     dict(remat_policy="dots_with_no_batch_dims", scan_unroll=2, attention_block_size=4),
-    dict(remat_policy="full", attention_impl="jax")])
+    dict(remat_policy="full", attention_impl="blockwise", attention_block_size=4)])
 def test_remat_unroll_and_attention_impl_do_not_change_results(checkpoints, overrides):
   _, cfg, params = checkpoints["qwen2_untied"]
   args = [jnp.asarray(x) for x in _batch("left")]
