@@ -45,11 +45,13 @@ def _qkv(cfg, b, t, seed=0):
 def _values_and_grads(fn, cfg, q, k, v, w_BTNH, seg_BT):
   """fn's output and d/d(q, k, v) of sum(out * w) (a random projection of the output)."""
   loss = lambda q, k, v: jnp.sum(fn(q, k, v, seg_BT, cfg) * w_BTNH)
-  return fn(q, k, v, seg_BT, cfg), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+  return jax.jit(lambda q, k, v: (fn(q, k, v, seg_BT, cfg),
+                                  jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
 
 
-@pytest.mark.parametrize("pattern", sorted(SEGMENTS))
-@pytest.mark.parametrize("heads,block", [((2, 4), 4), ((1, 3), 5), ((2, 2), 0), ((2, 4), 16)])
+@pytest.mark.parametrize("pattern,heads,block", [
+    *[(p, (2, 4), 4) for p in sorted(SEGMENTS)],
+    ("packed", (1, 3), 5), ("left_padding", (2, 2), 0), ("right_padding", (2, 4), 16)])
 def test_blockwise_equals_einsum(pattern, heads, block):
   """Values on non-padding rows and gradients (padding rows' outputs weighted 0: the einsum
   reference gives them a uniform average, blockwise 0) to 1e-5; T=13 is no multiple of 4 or 5;
@@ -70,10 +72,11 @@ def test_packed_rows_equal_separate_rows():
   """A packed row (positions restart per segment) == its segments as rows of their own."""
   cfg = _cfg(block=3)
   q, k, v, _ = _qkv(cfg, 1, 10)
-  packed = attention.attend_blockwise(q, k, v, jnp.asarray([[1] * 4 + [2] * 6]), cfg)
+  attend = jax.jit(attention.attend_blockwise, static_argnums=4)
+  packed = attend(q, k, v, jnp.asarray([[1] * 4 + [2] * 6]), cfg)
   for lo, hi in ((0, 4), (4, 10)):
-    alone = attention.attend_blockwise(q[:, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi],
-                                       jnp.ones((1, hi - lo), jnp.int32), cfg)
+    alone = attend(q[:, lo:hi], k[:, :, lo:hi], v[:, :, lo:hi], jnp.ones((1, hi - lo), jnp.int32),
+                   cfg)
     np.testing.assert_allclose(packed[:, lo:hi], alone, atol=1e-6)
 
 
@@ -131,7 +134,7 @@ def test_decoder_blockwise_equals_einsum():
   tokens = jax.random.randint(jax.random.key(1), seg.shape, 0, cfg.vocab_size)
   starts = jnp.asarray([[0] * 4 + [4] * 5 + [9] * 4, [0] * 8 + [8] * 5, [0] * 8 + [8] * 5])
   positions = jnp.maximum(jnp.arange(13)[None, :] - starts, 0)
-  run = lambda impl: jax.value_and_grad(_decoder_loss, has_aux=True)(
+  run = lambda impl: jax.jit(jax.value_and_grad(_decoder_loss, has_aux=True), static_argnums=1)(
       params, cfg.replace(attention_impl=impl), tokens, seg, positions)
   (l0, logits0), g0 = run("einsum")
   (l1, logits1), g1 = run("blockwise")
@@ -144,13 +147,14 @@ def test_decoder_blockwise_equals_einsum():
 def test_auto_resolves_by_backend_and_length():
   cfg = _cfg(block=128, impl="auto")
   assert jax.default_backend() == "cpu"
-  assert attention.resolve_impl("auto", 128, cfg) == "einsum"  # one block: the same math
-  assert attention.resolve_impl("auto", 129, cfg) == "blockwise"
+  assert attention.resolve_impl("auto", 256, cfg) == "einsum"  # short: the reference on CPU
+  assert attention.resolve_impl("auto", 257, cfg) == "blockwise"
   assert attention.resolve_impl("blockwise", 16, cfg) == "blockwise"
-  q, k, v, _ = _qkv(cfg, 1, 200)
-  seg = jnp.ones((1, 200), jnp.int32)
-  np.testing.assert_allclose(attention.attend(q, k, v, seg, cfg),
-                             attention.attend_einsum(q, k, v, seg, cfg), atol=1e-5)
+  q, k, v, _ = _qkv(cfg, 1, 300)
+  seg = jnp.ones((1, 300), jnp.int32)
+  auto, ref = (jax.jit(fn, static_argnums=4) for fn in (attention.attend,
+                                                      attention.attend_einsum))
+  np.testing.assert_allclose(auto(q, k, v, seg, cfg), ref(q, k, v, seg, cfg), atol=1e-5)
 
 
 @pytest.mark.parametrize("impl,device", [("cudnn", "GPU"), ("splash", "TPU")])
@@ -173,8 +177,8 @@ def test_splash_kernel_in_the_pallas_interpreter_equals_einsum():
   """The TPU kernel's wiring (MQA form per kv head, segment ids, causal mask, T padded to 128),
   run by the Pallas interpreter on CPU: forward values on non-padding rows."""
   cfg = _cfg(head_dim=128)
-  seg = jnp.asarray(SEGMENTS["packed"], jnp.int32)
-  q, k, v, _ = _qkv(cfg, 3, 13)
+  seg = jnp.asarray(SEGMENTS["packed"][1:2], jnp.int32)  # padding both ends, two segments
+  q, k, v, _ = _qkv(cfg, 1, 13)
   got = attention.attend_splash(q, k, v, seg, cfg, interpret=True)
   ref = attention.attend_einsum(q, k, v, seg, cfg)
   valid = np.asarray(seg) != 0

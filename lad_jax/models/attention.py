@@ -20,7 +20,8 @@ left / right padding and packed rows are one rule. No [B, T, T] mask is ever bui
              packed-sequence offsets and lengths.
   splash     the Pallas TPU splash-attention kernel (TPU only), segment ids + causal mask.
   auto       by `jax.default_backend()` at trace time: gpu -> cudnn, tpu -> splash, else
-             blockwise (einsum when T fits one block: the same math, without the loops).
+             blockwise, but einsum for T <= 2 blocks: on CPU blockwise's loops cost more than
+             they save there (benchmarks/attention.py), and the scores are small.
 
 A query with no key (a padding slot) gets output 0 from blockwise and a zero gradient; einsum
 gives it a uniform average of the values (finite either way; padding outputs are never used).
@@ -43,6 +44,8 @@ IMPLS = ATTENTION_IMPLS
 # Finite, so a row with every key masked gives finite values, never NaN (as in the decoder).
 _MASK_VALUE = -1e30
 _BACKENDS = {"cudnn": "gpu", "splash": "tpu"}
+# "auto" off GPU / TPU: the einsum reference up to this many blocks of tokens.
+_EINSUM_BLOCKS = 2
 
 
 def resolve_impl(impl: str, t: int, cfg: ModelConfig) -> str:
@@ -54,7 +57,7 @@ def resolve_impl(impl: str, t: int, cfg: ModelConfig) -> str:
     return "cudnn"
   if backend == "tpu":
     return "splash"
-  return "einsum" if t <= _block(cfg, t) else "blockwise"
+  return "einsum" if t <= _EINSUM_BLOCKS * _block(cfg, t) else "blockwise"
 
 
 def attend(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
