@@ -29,7 +29,8 @@ STATE_KEY, ROLLOUT_KEY, EVAL_KEY, MODEL_KEY = 1, 2, 3, 4
 
 def _model_overrides(config) -> dict[str, Any]:
   return dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-              remat_policy=config.model.remat_policy)
+              remat_policy=config.model.remat_policy,
+              attention_impl=config.model.attention_impl)
 
 
 def load_model(config, mesh) -> tuple[Any, Any]:

@@ -82,6 +82,9 @@ def _model_section() -> ConfigDict:
   s.param_dtype = "float32"
   s.dtype = "float32"
   s.remat_policy = "none"
+  # No-cache attention (training, prefill): auto | einsum | blockwise | cudnn | splash
+  # (lad_jax.models.attention; auto: cuDNN on GPU, splash on TPU, else blockwise).
+  s.attention_impl = "auto"
   # ModelConfig fields of a random model (source="random"), e.g. testing.TINY.
   s.random = ConfigDict()
   return s
@@ -599,7 +602,9 @@ def _check_keys(config: ConfigDict) -> None:
 def _check_choices(config: ConfigDict) -> None:
   """Named choices, and the model / tokenizer / step-count combinations that can run."""
   from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
+  from lad_jax.models.config import ATTENTION_IMPLS  # pylint: disable=g-import-not-at-top
   _check_choice("model.source", config.model.source, MODEL_SOURCES)
+  _check_choice("model.attention_impl", config.model.attention_impl, ATTENTION_IMPLS)
   _check_choice("tokenizer.kind", config.tokenizer.kind, TOKENIZERS)
   _check_choice("data.task", config.data.task, TASKS)
   _check_choice("data.template", config.data.template, sorted(prompts.TEMPLATES))

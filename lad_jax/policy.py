@@ -79,7 +79,8 @@ def model_config(config) -> Any:
   """The ModelConfig of config.model without reading any weights (the shapes to restore)."""
   from lad_jax import models  # pylint: disable=g-import-not-at-top
   overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                   remat_policy=config.model.remat_policy)
+                   remat_policy=config.model.remat_policy,
+                   attention_impl=config.model.attention_impl)
   src, path = config.model.source, config.model.path
   if src == "random":
     return models.ModelConfig(**dict(config.model.random), **overrides)

@@ -114,11 +114,11 @@ def test_rope_frequencies_match_transformers(rope_parameters):
 
 
 @pytest.mark.parametrize("impl,empty,per_layer", [
-    ("einsum", False, False), ("einsum", True, False), ("jax", False, False),
-    ("einsum", False, True), ("einsum", True, True), ("jax", False, True)])
+    ("einsum", False, False), ("einsum", True, False), ("blockwise", True, False),
+    ("einsum", False, True), ("einsum", True, True), ("blockwise", True, True)])
 def test_cached_decoding_equals_full_forward(checkpoints, impl, empty, per_layer):
   """Prefill left-padded prompts, then 3 single-token steps and a 2-token chunk; the prefill
-  reads the empty cache or not (`cache_is_empty`), with either attention implementation, into
+  reads the empty cache or not (`cache_is_empty`, einsum or blockwise attention then), into
   a stacked cache (layer scan) or a per-layer one (layers unrolled, written then read)."""
   _, cfg, params = checkpoints["qwen2_untied"]
   cfg = cfg.replace(attention_impl=impl)
@@ -315,8 +315,9 @@ def test_forward_logprobs_aligns_scores_with_tokens(checkpoints):
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(remat_policy="dots_with_no_batch_dims", scan_unroll=2, attention_block_size=4),
-    dict(remat_policy="full", attention_impl="jax")])
+    dict(remat_policy="dots_with_no_batch_dims", scan_unroll=2, attention_block_size=4,
+         attention_impl="einsum"),
+    dict(remat_policy="full", attention_impl="blockwise", attention_block_size=4)])
 def test_remat_unroll_and_attention_impl_do_not_change_results(checkpoints, overrides):
   _, cfg, params = checkpoints["qwen2_untied"]
   args = [jnp.asarray(x) for x in _batch("left")]
@@ -326,7 +327,8 @@ def test_remat_unroll_and_attention_impl_do_not_change_results(checkpoints, over
   np.testing.assert_allclose(l1, l0, rtol=1e-6)
   valid = np.asarray(args[2]) != 0  # scores of padding tokens are arbitrary
   np.testing.assert_allclose(np.asarray(logp1)[valid], np.asarray(logp0)[valid], atol=1e-5)
-  chex.assert_trees_all_close(g1, g0, atol=1e-5)
+  # Embedding gradients reach ~2 (1e-5 of that): blockwise's online softmax rounds differently.
+  chex.assert_trees_all_close(g1, g0, atol=2e-5)
 
 
 def test_bfloat16_params_keep_float32_logits_and_stay_close(checkpoints):

@@ -27,7 +27,7 @@ SUPPORTED_ARCHITECTURES = {
 _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
-ATTENTION_IMPLS = ("einsum", "jax")
+ATTENTION_IMPLS = ("auto", "einsum", "blockwise", "cudnn", "splash")  # lad_jax.models.attention
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -130,10 +130,15 @@ class ModelConfig:
     logits_dtype: dtype of the returned logits (float32 accumulation either way).
     remat_policy: rematerialisation of each block, one of `REMAT_POLICIES`.
     scan_unroll: layers per iteration of the layer scan (num_layers = fully unrolled).
-    attention_impl: "einsum" (grouped-query einsum, fp32 softmax) or "jax"
-      (`jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPUs when it can).
-    attention_block_size: without a KV cache, "einsum" attention runs in blocks of this many
-      queries, each against the keys up to its end (causal block skipping); 0 = one block.
+    attention_impl: attention of the tokens among themselves (no KV cache, or an empty one),
+      one of `ATTENTION_IMPLS` (see `lad_jax.models.attention`): "auto" (cuDNN on GPU, splash
+      on TPU, else blockwise), "einsum" (the reference), "blockwise" (flash-style, memory
+      O(T * block)), "cudnn", "splash". Attention over a filled KV cache is always einsum.
+    attention_block_size: queries (and keys) per block of the no-cache attention: "einsum"
+      runs each query block against the keys up to its end (causal block skipping),
+      "blockwise" also blocks the keys; 0 = one block.
+    attention_max_segments: the most segment runs (packed sequences) per row that "cudnn"
+      handles; runs past it are dropped (static shapes), so keep it >= the packing.
     bos_token_id, eos_token_ids, pad_token_id: special tokens from config.json, if given.
     initializer_range: stddev of the normal initialiser for fresh parameters.
   """
@@ -158,8 +163,9 @@ class ModelConfig:
   logits_dtype: str = "float32"
   remat_policy: str = "none"
   scan_unroll: int = 1
-  attention_impl: str = "einsum"
+  attention_impl: str = "auto"
   attention_block_size: int = 128
+  attention_max_segments: int = 2
   bos_token_id: Optional[int] = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: Optional[int] = None
@@ -179,6 +185,9 @@ class ModelConfig:
           f"({self.num_kv_heads}) for grouped-query attention.")
     if self.attention_block_size < 0:
       raise ValueError(f"attention_block_size must be >= 0, got {self.attention_block_size}.")
+    if self.attention_max_segments < 1:
+      raise ValueError(
+          f"attention_max_segments must be >= 1, got {self.attention_max_segments}.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
     for name in ("param_dtype", "dtype", "logits_dtype"):

@@ -27,8 +27,8 @@ runs the layers unrolled instead, each writing its new slots into its own buffer
 reading it (no per-step copy of the layer's cache out of a stacked one; see
 `Decoder._unrolled_layers`). The caller must keep index + T <= S (static shapes
 inside jit cannot raise). `KVCache.repeat(G)` copies each prompt's
-cache to G samples. Without a cache, attention skips the causally masked blocks
-(`cfg.attention_block_size`).
+cache to G samples. Without a cache (or with an empty one), the tokens attend among themselves
+through `lad_jax.models.attention` (`cfg.attention_impl`), by segment ids: no [T, T] mask.
 
 Precision: parameters in `cfg.param_dtype`, matmuls in `cfg.dtype` with float32 accumulation
 (the projections' results, forward and backward, rounded to `cfg.dtype`; attention scores and
@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from lad_jax import sharding
+from lad_jax.models import attention
 from lad_jax.models import rope
 from lad_jax.models.config import ModelConfig
 
@@ -323,20 +324,6 @@ def _attend_einsum(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
   return _ungroup(jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH), cfg)
 
 
-def _attend_causal_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, mask_BTT: Array,
-                          cfg: ModelConfig) -> Array:
-  """`_attend_einsum` per block of `cfg.attention_block_size` queries, each against only the
-  keys at or before its last position: causal masking makes the rest zero anyway, so this
-  skips about half the score and value FLOPs (and memory) of a long no-cache forward."""
-  t, c = q_BTNH.shape[1], cfg.attention_block_size
-  outs = []
-  for start in range(0, t, c):
-    end = min(start + c, t)
-    outs.append(_attend_einsum(q_BTNH[:, start:end], k_BKTH[:, :, :end], v_BKTH[:, :, :end],
-                               mask_BTT[:, start:end, :end], cfg))
-  return jnp.concatenate(outs, axis=1)
-
-
 def _attend_cached_einsum(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array,
                           kn_BKTH: Array, vn_BKTH: Array, mask_BTT: Array,
                           cfg: ModelConfig) -> Array:
@@ -372,20 +359,14 @@ def _attend_jax(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
                                       scale=1.0)  # q is pre-scaled
 
 
-def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, mask_BTT: Array,
+def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
                      cfg: ModelConfig) -> Array:
   """Attention of T tokens among themselves (no cache, or an empty one): [B, T, N, H].
 
-  Long inputs attend by causal blocks (`_attend_causal_blocks`): the key slot equals the
-  query slot index, so the causally masked blocks are known statically.
+  By segment ids [B, T] (0 = padding), never a [B, T, T] mask: `attention.attend` with
+  `cfg.attention_impl` (blockwise / cuDNN / splash keep memory linear in T).
   """
-  if cfg.attention_impl == "jax":
-    attend = _attend_jax
-  elif 0 < cfg.attention_block_size < q_BTNH.shape[1]:
-    attend = _attend_causal_blocks  # key slot == query slot index: causal blocks are static
-  else:
-    attend = _attend_einsum
-  return attend(q_BTNH, k_BKTH, v_BKTH, mask_BTT, cfg)
+  return attention.attend(q_BTNH, k_BKTH, v_BKTH, seg_BT, cfg)
 
 
 def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
@@ -460,7 +441,7 @@ class Attention(nn.Module):
                mask_new_BTT: Optional[Array], layer_cache: Optional[tuple[Array, Array]]
                ) -> tuple[Array, Optional[tuple[Array, Array]]]:
     """With a cache, `mask_BTS` masks its S slots and `mask_new_BTT` the T new tokens; without
-    one, `mask_BTS` is [B, T, T] over the new tokens."""
+    one, `mask_BTS` is the new tokens' [B, T] segment ids (see `_Masks`)."""
     cfg = self.cfg
     q_BTNH, k_BKTH, v_BKTH = self._qkv(x_BTD, sin_BTh, cos_BTh)
     if layer_cache is not None and len(layer_cache) == 3:  # per-layer cache: write, then read
@@ -564,8 +545,9 @@ class _Masks(NamedTuple):
   """What the layers read, from `_attention_masks`.
 
   layer_caches: (cache.k, cache.v) for the layers to read, None when they read no cache (no
-    cache, or an empty one). mask_BTS: [B, T, S] over the cache's slots (or [B, T, T] over the
-    new tokens when the layers read no cache). mask_new_BTT: [B, T, T] over the new tokens
+    cache, or an empty one). mask_BTS: [B, T, S] over the cache's slots, or, when the layers
+    read no cache, the new tokens' [B, T] segment ids (no [B, T, T] mask: the no-cache
+    attention masks per block, `attention.attend`). mask_new_BTT: [B, T, T] over the new tokens
     when the layers read a stacked cache, else None. new_seg_BS: [B, S] segment ids of the
     cache's slots once the new tokens are in (the returned cache's); None without a cache.
   """
@@ -585,14 +567,13 @@ def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bo
   def same_segment(seg_k_BS):
     return (seg_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
 
-  causal_TT = jnp.tril(jnp.ones((t, t), bool))
   if cache is None:
-    return _Masks(None, same_segment(seg_BT) & causal_TT[None], None, None)
+    return _Masks(None, seg_BT, None, None)
   _check_cache(cache, b, t)
   index = cache.index
   new_seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
   if cache_is_empty:
-    return _Masks(None, same_segment(seg_BT) & causal_TT[None], None, new_seg_BS)
+    return _Masks(None, seg_BT, None, new_seg_BS)
   if cache.per_layer:
     # Each layer writes the new slots first, then reads its cache (_unrolled_layers): the
     # mask covers the written slots up to each query's own.
@@ -603,6 +584,7 @@ def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bo
   # separately: the layers read the cache and never write it (_attend_cached_einsum).
   written_S = jnp.arange(cache.max_length) < index
   mask_BTS = same_segment(cache.segment_ids) & written_S[None, None, :]
+  causal_TT = jnp.tril(jnp.ones((t, t), bool))
   mask_new_BTT = same_segment(seg_BT) & causal_TT[None]
   return _Masks((cache.k, cache.v), mask_BTS, mask_new_BTT, new_seg_BS)
 
