@@ -134,6 +134,9 @@ class ModelConfig:
       (`jax.nn.dot_product_attention`, which picks cuDNN flash attention on GPUs when it can).
     attention_block_size: without a KV cache, "einsum" attention runs in blocks of this many
       queries, each against the keys up to its end (causal block skipping); 0 = one block.
+    decode_block_size: with a KV cache, attention reads only the written slots, this many
+      at a time, with an online softmax (`decode_attention`): decode cost follows the written
+      length, not the cache bucket. 0 = attend over the whole bucket, empty slots masked.
     bos_token_id, eos_token_ids, pad_token_id: special tokens from config.json, if given.
     initializer_range: stddev of the normal initialiser for fresh parameters.
   """
@@ -160,6 +163,7 @@ class ModelConfig:
   scan_unroll: int = 1
   attention_impl: str = "einsum"
   attention_block_size: int = 128
+  decode_block_size: int = 128
   bos_token_id: Optional[int] = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: Optional[int] = None
@@ -179,6 +183,9 @@ class ModelConfig:
           f"({self.num_kv_heads}) for grouped-query attention.")
     if self.attention_block_size < 0:
       raise ValueError(f"attention_block_size must be >= 0, got {self.attention_block_size}.")
+    if self.decode_block_size < 0:
+      raise ValueError(f"decode_block_size must be >= 0 (0 = whole cache), got "
+                       f"{self.decode_block_size}.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
     for name in ("param_dtype", "dtype", "logits_dtype"):

@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 
 from lad_jax import sharding
-from lad_jax.models import rope
+from lad_jax.models import decode_attention, rope
 from lad_jax.models.config import ModelConfig
 
 Array = jax.Array
@@ -404,13 +404,40 @@ def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   cv = jax.lax.dynamic_update_slice(cv, v_BKTH.astype(cv.dtype), (0, 0, index, 0))
   ck = sharding.constrain(ck, CACHE_BKHS)
   cv = sharding.constrain(cv, CACHE_BKSH)
-  if cfg.attention_impl == "jax":
+  if cfg.decode_block_size:
+    q_BKGTH = _group_queries(q_BTNH, cfg)
+    state = decode_attention.fold_cache_blocks(
+        decode_attention.init_state(q_BKGTH), q_BKGTH, ck, cv, mask_BTS,
+        index + q_BTNH.shape[1], block_size=cfg.decode_block_size)
+    out_BTNH = _ungroup(decode_attention.finish(state, cfg.dtype), cfg)
+  elif cfg.attention_impl == "jax":
     out_BTNH = _attend_jax(q_BTNH, ck.transpose(0, 1, 3, 2).astype(cfg.dtype),
                            cv.astype(cfg.dtype), mask_BTS, cfg)
   else:
     out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask_BTS,
                               cfg, keys_hs=True)
   return out_BTNH, (ck, cv)
+
+
+def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
+                                 layer_cache: decode_attention.StackedLayerCache,
+                                 mask_BTS: Array, mask_new_BTT: Array, cfg: ModelConfig
+                                 ) -> tuple[Array, Array, Array]:
+  """`_attend_read_only_cache` reading only the written slots [0, index) of the layer's part
+  of the stacked cache, block by block (`decode_attention`), and the T new tokens, in one
+  online softmax: the work follows the index, not the bucket S, and the layer's cache is
+  never copied out of the stack. Returns (out [B, T, N, H], k, v [B, K, T, H] rounded to the
+  cache dtype)."""
+  k_BKTH = k_BKTH.astype(layer_cache.k.dtype).astype(k_BKTH.dtype)
+  v_BKTH = v_BKTH.astype(layer_cache.v.dtype).astype(v_BKTH.dtype)
+  q_BKGTH = _group_queries(q_BTNH, cfg)
+  state = decode_attention.fold(
+      decode_attention.init_state(q_BKGTH),
+      decode_attention.scores(q_BKGTH, k_BKTH.transpose(0, 1, 3, 2), mask_new_BTT), v_BKTH)
+  state = decode_attention.fold_cache_blocks(
+      state, q_BKGTH, layer_cache.k, layer_cache.v, mask_BTS, layer_cache.index,
+      block_size=cfg.decode_block_size, layer=layer_cache.layer)
+  return _ungroup(decode_attention.finish(state, cfg.dtype), cfg), k_BKTH, v_BKTH
 
 
 def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
@@ -469,6 +496,9 @@ class Attention(nn.Module):
     else:
       if layer_cache is None:
         out_BTNH = _attend_no_cache(q_BTNH, k_BKTH, v_BKTH, mask_BTS, cfg)
+      elif isinstance(layer_cache, decode_attention.StackedLayerCache):
+        out_BTNH, k_BKTH, v_BKTH = _attend_stacked_cache_blocks(
+            q_BTNH, k_BKTH, v_BKTH, layer_cache, mask_BTS, mask_new_BTT, cfg)
       else:
         out_BTNH, k_BKTH, v_BKTH = _attend_read_only_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache,
                                                            mask_BTS, mask_new_BTT, cfg)
@@ -684,6 +714,8 @@ class Decoder(nn.Module):
     if masks.layer_caches is not None and cache.per_layer:
       x_BTD, new_kv = self._unrolled_layers(x_BTD, masks.layer_caches, cache.index, sin_BTh,
                                             cos_BTh, masks.mask_BTS)
+    elif masks.layer_caches is not None and self._reads_stacked_blocks():
+      x_BTD, new_kv = self._scanned_cached_layers(x_BTD, masks, cache.index, sin_BTh, cos_BTh)
     else:
       x_BTD, new_kv = self._scanned_layers(x_BTD, masks, cache is not None, sin_BTh, cos_BTh)
     hidden_BTD = RMSNorm(cfg, name="norm")(x_BTD)
@@ -714,6 +746,35 @@ class Decoder(nn.Module):
     )(cfg, return_kv, name="layers")
     return layers(x_BTD, masks.layer_caches, sin_BTh, cos_BTh, masks.mask_BTS,
                   masks.mask_new_BTT)
+
+  def _reads_stacked_blocks(self) -> bool:
+    """Whether a stacked cache is read block by block (`_scanned_cached_layers`): with
+    `cfg.decode_block_size` > 0 and existing parameters (an init runs the `nn.scan`)."""
+    return bool(self.cfg.decode_block_size) and "layers" in self.variables.get("params", {})
+
+  def _scanned_cached_layers(self, x_BTD: Array, masks: _Masks, index: Array, sin_BTh: Array,
+                             cos_BTh: Array) -> tuple[Array, tuple[Array, Array]]:
+    """The layers over a stacked cache as a `lax.scan` of `Block.apply` over the stacked
+    parameters and the layer index: x [B, T, D] -> (x, new k [L, B, K, H, T], v [L, B, K, T,
+    H]), the same parameters and results as `_scanned_layers`.
+
+    The [L, ...] cache is a loop invariant of the scan (not a scanned input), and each layer
+    slices only the blocks it reads out of it (`decode_attention.StackedLayerCache`): scanning
+    over the cache made XLA copy every layer's whole cache out of the stack at every step.
+    """
+    cfg = self.cfg
+    block = Block(cfg, True, parent=None)
+    k_L, v_L = masks.layer_caches
+
+    def layer(x, inputs):
+      params_l, l = inputs
+      read = decode_attention.StackedLayerCache(k_L, v_L, l, index)
+      return block.apply({"params": params_l}, x, read, sin_BTh, cos_BTh, masks.mask_BTS,
+                         masks.mask_new_BTT)
+
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    return jax.lax.scan(layer, x_BTD, (self.variables["params"]["layers"], layer_ids),
+                        unroll=min(cfg.scan_unroll, cfg.num_layers))
 
   def _lm_head(self, embed: Embed, hidden_BTD: Array) -> Array:
     """Logits [B, T, V] in cfg.logits_dtype: the tied embedding or `lm_head`, fp32 accumulation."""
