@@ -422,22 +422,30 @@ def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
 def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
                                  layer_cache: decode_attention.StackedLayerCache,
                                  mask_BTS: Array, mask_new_BTT: Array, cfg: ModelConfig
-                                 ) -> tuple[Array, Array, Array]:
-  """`_attend_read_only_cache` reading only the written slots [0, index) of the layer's part
-  of the stacked cache, block by block (`decode_attention`), and the T new tokens, in one
-  online softmax: the work follows the index, not the bucket S, and the layer's cache is
-  never copied out of the stack. Returns (out [B, T, N, H], k, v [B, K, T, H] rounded to the
-  cache dtype)."""
-  k_BKTH = k_BKTH.astype(layer_cache.k.dtype).astype(k_BKTH.dtype)
-  v_BKTH = v_BKTH.astype(layer_cache.v.dtype).astype(v_BKTH.dtype)
+                                 ) -> tuple[Array, tuple[Array, Array]]:
+  """Stacked cache, read block by block (`decode_attention`): writes the new keys / values
+  [B, K, T, H] at slots [index, index + T) of the layer's part of the stacked [L, ...] cache,
+  then attends over its written slots [0, index) (`mask_BTS`) and the T new tokens
+  (`mask_new_BTT`, from registers) in one online softmax, so the work follows the index, not
+  the bucket S. Returns (out [B, T, N, H], the written stacked (k, v)).
+
+  Write first, then read the written buffer: the read depends on the write, so XLA updates
+  the cache (a loop carry of the layer scan) in place instead of copying it.
+  """
+  kc, vc, layer, index = layer_cache
+  kc = jax.lax.dynamic_update_slice(kc, k_BKTH.transpose(0, 1, 3, 2)[None].astype(kc.dtype),
+                                    (layer, 0, 0, 0, index))
+  vc = jax.lax.dynamic_update_slice(vc, v_BKTH[None].astype(vc.dtype), (layer, 0, 0, index, 0))
+  # Rounded to the cache dtype, as when read back from the cache later.
+  k_BKTH = k_BKTH.astype(kc.dtype).astype(k_BKTH.dtype)
+  v_BKTH = v_BKTH.astype(vc.dtype).astype(v_BKTH.dtype)
   q_BKGTH = _group_queries(q_BTNH, cfg)
   state = decode_attention.fold(
       decode_attention.init_state(q_BKGTH),
       decode_attention.scores(q_BKGTH, k_BKTH.transpose(0, 1, 3, 2), mask_new_BTT), v_BKTH)
   state = decode_attention.fold_cache_blocks(
-      state, q_BKGTH, layer_cache.k, layer_cache.v, mask_BTS, layer_cache.index,
-      block_size=cfg.decode_block_size, layer=layer_cache.layer)
-  return _ungroup(decode_attention.finish(state, cfg.dtype), cfg), k_BKTH, v_BKTH
+      state, q_BKGTH, kc, vc, mask_BTS, index, block_size=cfg.decode_block_size, layer=layer)
+  return _ungroup(decode_attention.finish(state, cfg.dtype), cfg), (kc, vc)
 
 
 def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
@@ -490,15 +498,15 @@ class Attention(nn.Module):
     one, `mask_BTS` is [B, T, T] over the new tokens."""
     cfg = self.cfg
     q_BTNH, k_BKTH, v_BKTH = self._qkv(x_BTD, sin_BTh, cos_BTh)
-    if layer_cache is not None and len(layer_cache) == 3:  # per-layer cache: write, then read
+    if isinstance(layer_cache, decode_attention.StackedLayerCache):  # write, then read
+      out_BTNH, new_kv = _attend_stacked_cache_blocks(q_BTNH, k_BKTH, v_BKTH, layer_cache,
+                                                      mask_BTS, mask_new_BTT, cfg)
+    elif layer_cache is not None and len(layer_cache) == 3:  # per-layer: write, then read
       out_BTNH, new_kv = _attend_written_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache, mask_BTS,
                                                cfg)
     else:
       if layer_cache is None:
         out_BTNH = _attend_no_cache(q_BTNH, k_BKTH, v_BKTH, mask_BTS, cfg)
-      elif isinstance(layer_cache, decode_attention.StackedLayerCache):
-        out_BTNH, k_BKTH, v_BKTH = _attend_stacked_cache_blocks(
-            q_BTNH, k_BKTH, v_BKTH, layer_cache, mask_BTS, mask_new_BTT, cfg)
       else:
         out_BTNH, k_BKTH, v_BKTH = _attend_read_only_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache,
                                                            mask_BTS, mask_new_BTT, cfg)
@@ -640,13 +648,16 @@ def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bo
 def _write_new_kv(cache: KVCache, new_kv: Any, layers_wrote: bool) -> tuple[Any, Any]:
   """The cache's (k, v) with every layer's T new slots written at [index, index + T).
 
-  new_kv: the layers' (k, v): written per-layer buffers when `layers_wrote` (the unrolled
-  path), else the new slots stacked [L, B, K, H, T] / [L, B, K, T, H] (the scan). One in-place
+  new_kv: the layers' (k, v): the cache as the layers wrote it when `layers_wrote` (per-layer
+  buffers of the unrolled path, or the stacked buffers of `Decoder._scanned_cached_layers`),
+  else the new slots stacked [L, B, K, H, T] / [L, B, K, T, H] (the scan). One in-place
   write (the cache buffer is donated / a loop carry, so XLA updates it without a copy).
   """
   index = cache.index
-  if cache.per_layer and layers_wrote:  # written by the layers
-    return tuple(new_kv[0]), tuple(new_kv[1])
+  if layers_wrote:  # written by the layers
+    if cache.per_layer:
+      return tuple(new_kv[0]), tuple(new_kv[1])
+    return new_kv[0], new_kv[1]
   if cache.per_layer:  # a prefill: the scan's stacked [L, ...] new slots
     new_k = tuple(jax.lax.dynamic_update_slice(
         ck, new_kv[0][i].astype(ck.dtype), (0, 0, 0, index)) for i, ck in enumerate(cache.k))
@@ -661,13 +672,13 @@ def _write_new_kv(cache: KVCache, new_kv: Any, layers_wrote: bool) -> tuple[Any,
 
 
 def _updated_cache(cache: KVCache, masks: _Masks, new_kv: Any, seg_BT: Array,
-                   positions_BT: Array) -> KVCache:
+                   positions_BT: Array, layers_wrote: bool) -> KVCache:
   """`cache` after the [B, T] new tokens: their keys / values and segment ids in slots
   [index, index + T), index + T, and each row's next RoPE position (unchanged for a row of
-  padding only)."""
+  padding only). layers_wrote: `new_kv` is the cache as the layers wrote it."""
   valid_BT = seg_BT != 0
   last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
-  new_k, new_v = _write_new_kv(cache, new_kv, masks.layer_caches is not None)
+  new_k, new_v = _write_new_kv(cache, new_kv, layers_wrote)
   return KVCache(
       k=new_k, v=new_v,
       segment_ids=masks.new_seg_BS,
@@ -711,10 +722,13 @@ class Decoder(nn.Module):
 
     embed = Embed(cfg, name="embed_tokens")
     x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
-    if masks.layer_caches is not None and cache.per_layer:
+    # Whether the layers write their new slots into the cache themselves (then read it).
+    layers_wrote = masks.layer_caches is not None and (
+        cache.per_layer or self._reads_stacked_blocks())
+    if layers_wrote and cache.per_layer:
       x_BTD, new_kv = self._unrolled_layers(x_BTD, masks.layer_caches, cache.index, sin_BTh,
                                             cos_BTh, masks.mask_BTS)
-    elif masks.layer_caches is not None and self._reads_stacked_blocks():
+    elif layers_wrote:
       x_BTD, new_kv = self._scanned_cached_layers(x_BTD, masks, cache.index, sin_BTh, cos_BTh)
     else:
       x_BTD, new_kv = self._scanned_layers(x_BTD, masks, cache is not None, sin_BTh, cos_BTh)
@@ -723,7 +737,7 @@ class Decoder(nn.Module):
     logits = self._lm_head(embed, hidden_BTD) if compute_logits else None
     new_cache = None
     if cache is not None:
-      new_cache = _updated_cache(cache, masks, new_kv, seg_BT, positions_BT)
+      new_cache = _updated_cache(cache, masks, new_kv, seg_BT, positions_BT, layers_wrote)
     return DecoderOutput(logits=logits, cache=new_cache,
                          hidden=hidden_BTD if return_hidden else None)
 
@@ -755,26 +769,32 @@ class Decoder(nn.Module):
   def _scanned_cached_layers(self, x_BTD: Array, masks: _Masks, index: Array, sin_BTh: Array,
                              cos_BTh: Array) -> tuple[Array, tuple[Array, Array]]:
     """The layers over a stacked cache as a `lax.scan` of `Block.apply` over the stacked
-    parameters and the layer index: x [B, T, D] -> (x, new k [L, B, K, H, T], v [L, B, K, T,
-    H]), the same parameters and results as `_scanned_layers`.
+    parameters and the layer index, the same parameters and results as `_scanned_layers`:
+    x [B, T, D] -> (x, the cache's (k [L, B, K, H, S], v [L, B, K, S, H]) with every layer's
+    new slots written).
 
-    The [L, ...] cache is a loop invariant of the scan (not a scanned input), and each layer
-    slices only the blocks it reads out of it (`decode_attention.StackedLayerCache`): scanning
-    over the cache made XLA copy every layer's whole cache out of the stack at every step.
+    The [L, ...] cache is a carry of the scan (not a scanned input): each layer writes its new
+    slots into it in place and reads only the blocks it attends
+    (`decode_attention.StackedLayerCache`); scanning over the cache made XLA copy every
+    layer's whole cache out of the stack at every step.
     """
     cfg = self.cfg
     block = Block(cfg, True, parent=None)
-    k_L, v_L = masks.layer_caches
 
-    def layer(x, inputs):
+    def layer(carry, inputs):
+      x, k_L, v_L = carry
       params_l, l = inputs
       read = decode_attention.StackedLayerCache(k_L, v_L, l, index)
-      return block.apply({"params": params_l}, x, read, sin_BTh, cos_BTh, masks.mask_BTS,
-                         masks.mask_new_BTT)
+      x, (k_L, v_L) = block.apply({"params": params_l}, x, read, sin_BTh, cos_BTh,
+                                  masks.mask_BTS, masks.mask_new_BTT)
+      return (x, k_L, v_L), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
-    return jax.lax.scan(layer, x_BTD, (self.variables["params"]["layers"], layer_ids),
-                        unroll=min(cfg.scan_unroll, cfg.num_layers))
+    (x_BTD, k_L, v_L), _ = jax.lax.scan(
+        layer, (x_BTD,) + tuple(masks.layer_caches),
+        (self.variables["params"]["layers"], layer_ids),
+        unroll=min(cfg.scan_unroll, cfg.num_layers))
+    return x_BTD, (k_L, v_L)
 
   def _lm_head(self, embed: Embed, hidden_BTD: Array) -> Array:
     """Logits [B, T, V] in cfg.logits_dtype: the tied embedding or `lm_head`, fp32 accumulation."""

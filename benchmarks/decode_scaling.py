@@ -1,0 +1,94 @@
+"""Decode cost vs the cache bucket: the same decoded tokens with a larger bucket should cost the same.
+
+  python benchmarks/decode_scaling.py [--rows 64] [--new_tokens 32] [--repeats 3]
+
+A tiny random Qwen2 (`lad_jax.models.testing.tiny_config`), `rows` rows (16 prompts of 32
+tokens x G), decoding exactly `new_tokens` tokens (no EOS) into caches of 96, 576 and 2112
+slots (prompt bucket 32 + response bucket 64, 544, 2080). For each bucket, the stacked cache
+(the GPU / TPU layout: layer scan) and the per-layer cache (CPU's default: layers unrolled),
+with attention over the whole bucket (`decode_block_size=0`, the old path) and over the written
+slots only (`decode_block_size=128`, `lad_jax.models.decode_attention`).
+
+Timed: the jitted decode loop alone (the prefill of each call is done and waited for first),
+the best of `repeats` calls after a warm-up; ms per step = (time of new_tokens tokens - time
+of 1 token) / (new_tokens - 1), so the per-call cost outside the loop is left out (each step
+feeds a token through the model and samples the next). The machine's other load makes single
+numbers noisy: compare within a run.
+Prints a table and ratios; the last line is `bucket_cost_ratio=<ms at 2112 / ms at 96>` of the
+new attention on the stacked cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lad_jax import sampler as sampler_lib
+from lad_jax.models import Decoder, testing
+
+PROMPT_LEN = 32
+BUCKETS = (96, 576, 2112)
+NEW_BLOCK = 128
+
+
+def _ms_per_step(cfg, params, prompts, *, per_layer: bool, slots: int, group: int,
+                 new_tokens: int, repeats: int) -> float:
+  """Best-of-`repeats` ms per decode step of one sampler configuration."""
+  smp = sampler_lib.Sampler(Decoder(cfg), eos_ids=(), pad_id=0, prompt_buckets=(PROMPT_LEN,),
+                            response_buckets=(slots - PROMPT_LEN,), per_layer_cache=per_layer)
+  prefill, decode = smp._compiled_fns(  # pylint: disable=protected-access
+      prompt_len=PROMPT_LEN, response_len=slots - PROMPT_LEN, num_prompts=len(prompts),
+      group_size=group, temperature=1.0, top_p=1.0, top_k=0)
+  tokens, mask = sampler_lib._left_pad(prompts, PROMPT_LEN, 0)  # pylint: disable=protected-access
+  best = {1: float("inf"), new_tokens: float("inf")}
+  for i in range(repeats + 1):
+    for n in best:
+      cache, logits = jax.block_until_ready(prefill(params, tokens, mask))
+      t0 = time.perf_counter()
+      jax.block_until_ready(decode(params, cache, logits, jax.random.key(0), np.int32(n),
+                                   np.int32(0)))
+      if i:  # the first call compiles
+        best[n] = min(best[n], time.perf_counter() - t0)
+  return 1e3 * (best[new_tokens] - best[1]) / (new_tokens - 1)
+
+
+def main() -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  ap.add_argument("--rows", type=int, default=64)
+  ap.add_argument("--new_tokens", type=int, default=32)
+  ap.add_argument("--repeats", type=int, default=3)
+  args = ap.parse_args()
+  group = 4
+  base = testing.tiny_config("qwen2")
+  params = jax.tree.map(jnp.asarray, testing.random_params(base))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, base.vocab_size, PROMPT_LEN).tolist()
+             for _ in range(args.rows // group)]
+  print(f"device={jax.devices()[0].platform} rows={args.rows} new_tokens={args.new_tokens} "
+        f"prompt={PROMPT_LEN}; ms per decode step")
+  print(f"{'cache':>9} {'attention':>10} " + " ".join(f"{s:>8}" for s in BUCKETS)
+        + "  2112/96")
+  ms = {}
+  for per_layer in (False, True):
+    for name, block in (("old", 0), ("new", NEW_BLOCK)):
+      cfg = base.replace(decode_block_size=block)
+      row = [_ms_per_step(cfg, params, prompts, per_layer=per_layer, slots=s, group=group,
+                          new_tokens=args.new_tokens, repeats=args.repeats) for s in BUCKETS]
+      ms[per_layer, name] = row
+      layout = "per-layer" if per_layer else "stacked"
+      print(f"{layout:>9} {name:>10} " + " ".join(f"{m:8.2f}" for m in row)
+            + f"  {row[-1] / row[0]:7.2f}")
+  for per_layer in (False, True):
+    old, new = ms[per_layer, "old"], ms[per_layer, "new"]
+    layout = "per-layer" if per_layer else "stacked"
+    print(f"{layout}: old/new at {BUCKETS[-1]} slots = {old[-1] / new[-1]:.2f}")
+  new = ms[False, "new"]
+  print(f"bucket_cost_ratio={new[-1] / new[0]:.3f}")
+
+
+if __name__ == "__main__":
+  main()
