@@ -117,7 +117,8 @@ def fold_cache_blocks(state: SoftmaxState, q_BKGTH: Array, k: Array, v: Array,
     k, v: keys [B, K, H, S] and values [B, K, S, H], or the stacked [L, ...] cache with
       `layer` its layer index.
     mask_BTS: [B, T, S] which slots each query attends (sliced per block).
-    num_slots: [] int32, slots from 0 that may be attended (the rest are never read).
+    num_slots: [] int32, slots from 0 that may be attended (later ones are masked, and
+      blocks after the one holding slot num_slots - 1 are never read).
     block_size: C, slots per block (min(C, S) is used).
   """
   s = mask_BTS.shape[-1]
@@ -128,8 +129,10 @@ def fold_cache_blocks(state: SoftmaxState, q_BKGTH: Array, k: Array, v: Array,
   def body(j, st):
     start = jnp.minimum(j * c, s - c)
     kb_BKHC, vb_BKCH = _read_block(k, v, layer, start, c)
-    fresh_C = start + jnp.arange(c) >= j * c  # a clamped last block re-reads earlier slots
-    mask_BTC = jax.lax.dynamic_slice(mask_BTS, (0, 0, start), (b, t, c)) & fresh_C
+    slot_C = start + jnp.arange(c)
+    # A clamped last block re-reads earlier slots; the last block may run past num_slots.
+    read_C = (slot_C >= j * c) & (slot_C < num_slots)
+    mask_BTC = jax.lax.dynamic_slice(mask_BTS, (0, 0, start), (b, t, c)) & read_C[None, None]
     return fold(st, scores(q_BKGTH, kb_BKHC, mask_BTC), vb_BKCH.astype(dtype))
 
   num_blocks = (num_slots + c - 1) // c
