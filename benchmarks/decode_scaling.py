@@ -1,4 +1,4 @@
-"""Decode cost vs the cache bucket: the same decoded tokens with a larger bucket should cost the same.
+"""Decode cost vs the cache bucket: the same decoded tokens should cost the same in any bucket.
 
   python benchmarks/decode_scaling.py [--rows 64] [--new_tokens 32] [--repeats 3]
 

@@ -371,7 +371,8 @@ def _weight_all_gathers(hlo: str, weight_shapes: set[tuple[int, ...]]) -> int:
     if head:
       current = head.group(2)
       continue
-    ins = re.match(r"^\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(%([\w.-]+)", line)
+    ins = re.match(r"^\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(%([\w.-]+)",
+                   line)
     if ins:
       shapes[ins.group(1)] = tuple(int(d) for d in ins.group(2).split(",") if d)
       if ins.group(3) == "all-gather" and current in inside:

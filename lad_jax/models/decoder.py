@@ -25,9 +25,12 @@ over the T new tokens, in one softmax) and the new keys / values of every layer 
 one in-place update after the layer scan. A per-layer cache (`KVCache.init(per_layer=True)`)
 runs the layers unrolled instead, each writing its new slots into its own buffer and then
 reading it (no per-step copy of the layer's cache out of a stacked one; see
-`Decoder._unrolled_layers`). The caller must keep index + T <= S (static shapes
-inside jit cannot raise). `KVCache.repeat(G)` copies each prompt's
-cache to G samples. Without a cache, attention skips the causally masked blocks
+`Decoder._unrolled_layers`). With `cfg.decode_block_size` > 0 (the default) a cached step reads
+only the written slots, block by block with an online softmax (`decode_attention`), and the
+stacked cache is a carry of the layer scan that each layer writes, then reads
+(`Decoder._scanned_cached_layers`); 0 = the whole bucket, as described above. The caller
+must keep index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies
+each prompt's cache to G samples. Without a cache, attention skips the causally masked blocks
 (`cfg.attention_block_size`).
 
 Precision: parameters in `cfg.param_dtype`, matmuls in `cfg.dtype` with float32 accumulation
