@@ -1,6 +1,7 @@
 """Decode cost vs the cache bucket: the same decoded tokens should cost the same in any bucket.
 
-  python benchmarks/decode_scaling.py [--rows 64] [--new_tokens 32] [--repeats 5] [--clock wall|cpu]
+  python benchmarks/decode_scaling.py [--rows 64] [--new_tokens 32] [--repeats 5] [--block 128]
+      [--clock wall|cpu]
 
 A tiny random Qwen2 (`lad_jax.models.testing.tiny_config`), `rows` rows (16 prompts of 32
 tokens x G), decoding exactly `new_tokens` tokens (no EOS) into caches of 96, 576 and 2112
@@ -76,6 +77,7 @@ def main() -> None:
   ap.add_argument("--rows", type=int, default=64)
   ap.add_argument("--new_tokens", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--block", type=int, default=NEW_BLOCK, help="decode_block_size of 'new'")
   ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                   help="cpu: this process's CPU time, steadier on a machine shared with other "
                        "jobs")
@@ -88,12 +90,13 @@ def main() -> None:
   prompts = [rng.integers(1, base.vocab_size, PROMPT_LEN).tolist()
              for _ in range(args.rows // group)]
   print(f"device={jax.devices()[0].platform} rows={args.rows} new_tokens={args.new_tokens} "
-        f"prompt={PROMPT_LEN} clock={args.clock}; ms per decode step")
+        f"prompt={PROMPT_LEN} clock={args.clock} new=decode_block_size {args.block}; "
+        "ms per decode step")
   print(f"{'cache':>9} {'attention':>10} " + " ".join(f"{s:>8}" for s in BUCKETS)
         + "  2112/96")
   ms = {}
   for per_layer in (False, True):
-    for name, block in (("old", 0), ("new", NEW_BLOCK)):
+    for name, block in (("old", 0), ("new", args.block)):
       cfg = base.replace(decode_block_size=block)
       row = _ms_per_step(cfg, params, prompts, per_layer=per_layer, group=group,
                          new_tokens=args.new_tokens, repeats=args.repeats, clock=clock)

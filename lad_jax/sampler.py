@@ -43,7 +43,8 @@ at every step (and, with `decode_block_size=0`, every layer's whole cache too). 
 step reads only the written cache slots (`ModelConfig.decode_block_size`), so its cost follows
 the tokens so far, not the response bucket. The per-layer path slices the layer weights once
 per call before the loop (one extra copy of them while decoding), and its unrolled program
-compiles ~2x longer; the rollouts are the same up to float rounding (speed: the README's results, benchmarks/sampler_vs_hf.py).
+compiles ~2x longer; the rollouts are the same up to float rounding (speed: the README's
+results, benchmarks/sampler_vs_hf.py and benchmarks/decode_scaling.py).
 
 Memory: the cache holds N = num_prompts * G rows of Tp + R slots. At paper scale (256 prompts x 8
 x 8192 tokens) that exceeds any accelerator, so `rows_per_call` runs the prompts in chunks of

@@ -136,7 +136,8 @@ class ModelConfig:
       queries, each against the keys up to its end (causal block skipping); 0 = one block.
     decode_block_size: with a KV cache, attention reads only the written slots, this many
       at a time, with an online softmax (`decode_attention`): decode cost follows the written
-      length, not the cache bucket. 0 = attend over the whole bucket, empty slots masked.
+      length, not the cache bucket (for either attention_impl). 0 = attend over the whole
+      bucket, empty slots masked.
     bos_token_id, eos_token_ids, pad_token_id: special tokens from config.json, if given.
     initializer_range: stddev of the normal initialiser for fresh parameters.
   """
