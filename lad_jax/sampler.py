@@ -38,16 +38,27 @@ whether the rows are sharded or not and however they are split into `rows_per_ca
 
 Per-layer cache (`per_layer_cache`, the default on CPU): the cache is one buffer per layer and
 the decode step runs the layers unrolled, each writing its new slot in place and then reading
-its own buffer; the layer scan instead copies every layer's cache (and weights) out of the
-stacked arrays at every step. The layer weights are sliced once per call before the loop (one
-extra copy of them while decoding), and the unrolled program compiles ~2x longer; the rollouts
-are the same up to float rounding (speed: the README's results, benchmarks/sampler_vs_hf.py).
+its own buffer; the layer scan instead slices every layer's weights out of the stacked arrays
+at every step (and, with `decode_block_size=0`, every layer's whole cache too). Either way a
+step reads only the written cache slots (`ModelConfig.decode_block_size`), so its cost follows
+the tokens so far, not the response bucket. The per-layer path slices the layer weights once
+per call before the loop (one extra copy of them while decoding), and its unrolled program
+compiles ~2x longer; the rollouts are the same up to float rounding (speed: the README's
+results, benchmarks/sampler_vs_hf.py and benchmarks/decode_scaling.py).
 
 Memory: the cache holds N = num_prompts * G rows of Tp + R slots. At paper scale (256 prompts x 8
 x 8192 tokens) that exceeds any accelerator, so `rows_per_call` runs the prompts in chunks of
 max(1, rows_per_call // G) prompts (each chunk one prefill and one decode loop with the same
 compiled functions: the last chunk is padded with copies of a prompt, and every chunk uses the
 prompt bucket of the longest prompt of the call) and concatenates the rows.
+
+Decode layout: with a mesh, the parameters are placed for decoding once per `sample` call,
+before the loops (`decode_param_rules`): their data / fsdp splits are gathered and their
+tensor (model-axis) splits kept, so the decode loop never all-gathers a weight (with the
+trainer's FSDP shardings it would gather every layer's weights at every step). The cost is
+memory: while sampling, each device holds its tensor shard of the full weights next to the
+trainer's shards, params / tensor per device (Qwen2.5-7B in bf16: 15.2 GB with tensor=1,
+3.8 GB with tensor=4).
 
 Stop strings are checked on the host after decoding (they need the tokenizer): a row is cut
 after the first token whose decoded prefix contains a stop string (that token is kept, like an
@@ -100,6 +111,23 @@ class SampleOutput:
   logp: Array
   truncated: Array
   lengths: Array
+
+
+def decode_param_rules(cfg: Any, rules: sharding.Rules = sharding.DEFAULT_RULES
+                       ) -> sharding.Rules:
+  """`rules` with the parameters' data / fsdp splits dropped and their tensor splits kept:
+  the decode layout of the weights (module docstring), gathered once per rollout instead of at
+  every decode step. Activation and cache rules are unchanged."""
+  _, axes = params_lib.abstract_params(cfg)
+  names = {n for spec in jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, tuple))
+           for n in spec if n is not None}
+
+  def model_axes_only(mesh_axes: Any) -> Any:
+    kept = tuple(a for a in ((mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes or ())
+                 if a not in sharding.BATCH_AXES)
+    return kept[0] if len(kept) == 1 else (kept or None)
+
+  return tuple((name, model_axes_only(m) if name in names else m) for name, m in rules)
 
 
 def _pick_bucket(length: int, buckets: Sequence[int], what: str, fix: str) -> int:
@@ -306,8 +334,9 @@ class Sampler:
     eos_ids: token ids that end a response (any of them); may be empty (then only
       max_new_tokens and stop strings end one).
     pad_id: id written into prompt padding and into response slots after the end.
-    mesh: a device mesh (`sharding.make_mesh`); rows are sharded over data/fsdp, parameters and
-      the cache's kv heads by `sharding.DEFAULT_RULES`. None = one device.
+    mesh: a device mesh (`sharding.make_mesh`); rows are sharded over data/fsdp, the cache's kv
+      heads by `sharding.DEFAULT_RULES`, parameters by `decode_param_rules` (gathered over
+      data/fsdp, split over tensor; see the module docstring). None = one device.
     prompt_buckets: allowed padded prompt lengths.
     response_buckets: allowed response lengths R; None = R is exactly max_new_tokens.
     stop_strings: strings that end a response (checked on the host, see the module docstring).
@@ -351,7 +380,8 @@ class Sampler:
                             else bool(per_layer_cache))
     self.num_traces = 0  # python side effect of tracing: counts (re)compiles, for tests
     self._fns: dict[tuple[Any, ...], tuple[Any, Any]] = {}
-    self._param_shardings = None if mesh is None else params_lib.param_shardings(self.cfg, mesh)
+    self._param_shardings = None if mesh is None else params_lib.param_shardings(
+        self.cfg, mesh, decode_param_rules(self.cfg))
 
   # ---------------------------------------------------------------- sharding helpers
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -335,3 +336,87 @@ def test_rows_per_call_chunks_equal_one_call(tiny, samples, rows):
                "truncated", "lengths"):
     np.testing.assert_array_equal(getattr(out, name), getattr(ref, name), err_msg=name)
   np.testing.assert_allclose(out.logp, ref.logp, atol=1e-5, rtol=0)
+
+
+def _while_body_computations(hlo: str) -> set[str]:
+  """Names of the computations run inside the while loops of the entry computation (their
+  bodies and everything they call, transitively), from compiled HLO text."""
+  calls, current, entry = {}, None, None
+  for line in hlo.splitlines():
+    head = re.match(r"^(ENTRY )?%([\w.-]+) ", line)
+    if head:
+      current = head.group(2)
+      entry = current if head.group(1) else entry
+      calls[current] = []
+    elif current is not None:
+      calls[current] += [(m.group(1), m.group(2)) for m in re.finditer(
+          r"\b(body|condition|calls|to_apply|branch_computations)=\{?%([\w.-]+)", line)]
+  todo = [c for kind, c in calls[entry] if kind == "body"]
+  seen = set()
+  while todo:
+    c = todo.pop()
+    if c not in seen:
+      seen.add(c)
+      todo += [callee for _, callee in calls.get(c, [])]
+  return seen
+
+
+def _weight_all_gathers(hlo: str, weight_shapes: set[tuple[int, ...]]) -> int:
+  """all-gather ops inside the decode while loop whose operand is a weight shard (or a layer
+  of one): the per-step weight gathers of FSDP."""
+  inside = _while_body_computations(hlo)
+  shapes, current, gathers = {}, None, []
+  for line in hlo.splitlines():
+    head = re.match(r"^(ENTRY )?%([\w.-]+) ", line)
+    if head:
+      current = head.group(2)
+      continue
+    ins = re.match(r"^\s*(?:ROOT )?%([\w.-]+) = \w+\[([\d,]*)\]\S* ([\w-]+)\(%([\w.-]+)",
+                   line)
+    if ins:
+      shapes[ins.group(1)] = tuple(int(d) for d in ins.group(2).split(",") if d)
+      if ins.group(3) == "all-gather" and current in inside:
+        gathers.append(ins.group(4))
+  return sum(shapes.get(operand) in weight_shapes for operand in gathers)
+
+
+def _decode_weight_gathers(smp, cfg, mesh, train_shardings) -> int:
+  """Compiles `smp`'s decode loop (abstract inputs) and counts its per-step weight gathers:
+  all-gathers whose operand is a shard (or a layer of one) of a parameter in the trainer's
+  `train_shardings`."""
+  prefill, decode = smp._compiled_fns(prompt_len=16, response_len=8, num_prompts=4,
+                                      group_size=G, temperature=1.0, top_p=1.0, top_k=0)
+  params = jax.eval_shape(lambda: testing.random_params(cfg))
+  tokens = jax.ShapeDtypeStruct((4, 16), jnp.int32)
+  with sharding.use_mesh(mesh):
+    cache, logits = jax.eval_shape(prefill, params, tokens, jax.ShapeDtypeStruct((4, 16), bool))
+    hlo = decode.lower(params, cache, logits, jax.random.key(0), np.int32(8),
+                       np.int32(0)).compile().as_text()
+  weight_shapes = set()
+  for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(train_shardings)):
+    shard = tuple(s.shard_shape(p.shape))
+    weight_shapes |= {shard, shard[1:]}  # a stacked layer weight, or one layer of it
+  return _weight_all_gathers(hlo, weight_shapes)
+
+
+@pytest.mark.parametrize("per_layer_cache", [True, False])
+def test_decode_loop_does_not_all_gather_weights(per_layer_cache):
+  """With the trainer's mesh (the default config: fsdp over all 8 simulated devices), the
+  compiled decode loop gathers no weights per step: the sampler gathers the fsdp splits once
+  per rollout, before the loop (`decode_param_rules`). With the trainer's parameter
+  shardings instead, the layer scan gathers each of its 7 weight matrices at every step
+  (the unrolled per-layer loop has them hoisted out of the loop by XLA)."""
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+  from lad_jax import components, config_utils  # pylint: disable=g-import-not-at-top
+  mesh = components.make_mesh(config_utils.base_config())
+  assert dict(mesh.shape)["fsdp"] == 8
+  cfg = testing.tiny_config("qwen2", intermediate_size=128)
+  train_shardings = models.param_shardings(cfg, mesh)
+  smp = sampler_lib.Sampler(models.Decoder(cfg), eos_ids=EOS_IDS, pad_id=PAD, mesh=mesh,
+                            prompt_buckets=(16,), per_layer_cache=per_layer_cache)
+  assert _decode_weight_gathers(smp, cfg, mesh, train_shardings) == 0
+  if not per_layer_cache:
+    smp._param_shardings = train_shardings  # the trainer's layout: the count sees the gathers
+    smp._fns.clear()
+    assert _decode_weight_gathers(smp, cfg, mesh, train_shardings) == 7

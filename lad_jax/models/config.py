@@ -133,12 +133,16 @@ class ModelConfig:
     attention_impl: attention of the tokens among themselves (no KV cache, or an empty one),
       one of `ATTENTION_IMPLS` (see `lad_jax.models.attention`): "auto" (cuDNN on GPU, splash
       on TPU, else blockwise), "einsum" (the reference), "blockwise" (flash-style, memory
-      O(T * block)), "cudnn", "splash". Attention over a filled KV cache is always einsum.
+      O(T * block)), "cudnn", "splash". Attention over a filled KV cache: `decode_block_size`.
     attention_block_size: queries (and keys) per block of the no-cache attention: "einsum"
       runs each query block against the keys up to its end (causal block skipping),
       "blockwise" also blocks the keys; 0 = one block.
     attention_max_segments: the most segment runs (packed sequences) per row that "cudnn"
       handles; runs past it are dropped (static shapes), so keep it >= the packing.
+    decode_block_size: with a KV cache, attention reads only the written slots, this many
+      at a time, with an online softmax (`decode_attention`): decode cost follows the written
+      length, not the cache bucket (for either attention_impl). 0 = attend over the whole
+      bucket, empty slots masked.
     bos_token_id, eos_token_ids, pad_token_id: special tokens from config.json, if given.
     initializer_range: stddev of the normal initialiser for fresh parameters.
   """
@@ -166,6 +170,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   attention_block_size: int = 128
   attention_max_segments: int = 2
+  decode_block_size: int = 128
   bos_token_id: Optional[int] = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: Optional[int] = None
@@ -188,6 +193,9 @@ class ModelConfig:
     if self.attention_max_segments < 1:
       raise ValueError(
           f"attention_max_segments must be >= 1, got {self.attention_max_segments}.")
+    if self.decode_block_size < 0:
+      raise ValueError(f"decode_block_size must be >= 0 (0 = whole cache), got "
+                       f"{self.decode_block_size}.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
     for name in ("param_dtype", "dtype", "logits_dtype"):

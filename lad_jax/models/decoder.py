@@ -25,10 +25,14 @@ over the T new tokens, in one softmax) and the new keys / values of every layer 
 one in-place update after the layer scan. A per-layer cache (`KVCache.init(per_layer=True)`)
 runs the layers unrolled instead, each writing its new slots into its own buffer and then
 reading it (no per-step copy of the layer's cache out of a stacked one; see
-`Decoder._unrolled_layers`). The caller must keep index + T <= S (static shapes
-inside jit cannot raise). `KVCache.repeat(G)` copies each prompt's
-cache to G samples. Without a cache (or with an empty one), the tokens attend among themselves
-through `lad_jax.models.attention` (`cfg.attention_impl`), by segment ids: no [T, T] mask.
+`Decoder._unrolled_layers`). With `cfg.decode_block_size` > 0 (the default) a cached step reads
+only the written slots, block by block with an online softmax (`decode_attention`), and the
+stacked cache is a carry of the layer scan that each layer writes, then reads
+(`Decoder._scanned_cached_layers`); 0 = the whole bucket, as described above. The caller
+must keep index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies
+each prompt's cache to G samples. Without a cache (or with an empty one), the tokens attend
+among themselves through `lad_jax.models.attention` (`cfg.attention_impl`), by segment ids:
+no [T, T] mask.
 
 Precision: parameters in `cfg.param_dtype`, matmuls in `cfg.dtype` with float32 accumulation
 (the projections' results, forward and backward, rounded to `cfg.dtype`; attention scores and
@@ -47,6 +51,7 @@ import jax.numpy as jnp
 
 from lad_jax import sharding
 from lad_jax.models import attention
+from lad_jax.models import decode_attention
 from lad_jax.models import rope
 from lad_jax.models.config import ModelConfig
 
@@ -346,19 +351,6 @@ def _attend_cached_einsum(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS:
                   + jnp.einsum("bkgtu,bkuh->bkgth", probs[..., s:], vn_BKTH), cfg)
 
 
-def _attend_jax(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
-                cfg: ModelConfig) -> Array:
-  """`jax.nn.dot_product_attention` (cuDNN flash attention on GPU when shapes allow)."""
-  del cfg
-  # A query whose keys are all masked (padding) would give NaN; let it see every slot instead:
-  # its output is never used, and NaN-free values keep 0 * value = 0 in later layers.
-  has_key_BT1 = jnp.any(mask_BTS, axis=-1, keepdims=True)
-  mask_BTS = mask_BTS | ~has_key_BT1
-  k_BSKH, v_BSKH = k_BKSH.transpose(0, 2, 1, 3), v_BKSH.transpose(0, 2, 1, 3)
-  return jax.nn.dot_product_attention(q_BTNH, k_BSKH, v_BSKH, mask=mask_BTS[:, None, :, :],
-                                      scale=1.0)  # q is pre-scaled
-
-
 def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
                      cfg: ModelConfig) -> Array:
   """Attention of T tokens among themselves (no cache, or an empty one): [B, T, N, H].
@@ -385,13 +377,45 @@ def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   cv = jax.lax.dynamic_update_slice(cv, v_BKTH.astype(cv.dtype), (0, 0, index, 0))
   ck = sharding.constrain(ck, CACHE_BKHS)
   cv = sharding.constrain(cv, CACHE_BKSH)
-  if cfg.attention_impl == "jax":
-    out_BTNH = _attend_jax(q_BTNH, ck.transpose(0, 1, 3, 2).astype(cfg.dtype),
-                           cv.astype(cfg.dtype), mask_BTS, cfg)
+  if cfg.decode_block_size:
+    q_BKGTH = _group_queries(q_BTNH, cfg)
+    state = decode_attention.fold_cache_blocks(
+        decode_attention.init_state(q_BKGTH), q_BKGTH, ck, cv, mask_BTS,
+        index + q_BTNH.shape[1], block_size=cfg.decode_block_size)
+    out_BTNH = _ungroup(decode_attention.finish(state, cfg.dtype), cfg)
   else:
     out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask_BTS,
                               cfg, keys_hs=True)
   return out_BTNH, (ck, cv)
+
+
+def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
+                                 layer_cache: decode_attention.StackedLayerCache,
+                                 mask_BTS: Array, mask_new_BTT: Array, cfg: ModelConfig
+                                 ) -> tuple[Array, tuple[Array, Array]]:
+  """Stacked cache, read block by block (`decode_attention`): writes the new keys / values
+  [B, K, T, H] at slots [index, index + T) of the layer's part of the stacked [L, ...] cache,
+  then attends over its written slots [0, index) (`mask_BTS`) and the T new tokens
+  (`mask_new_BTT`, from registers) in one online softmax, so the work follows the index, not
+  the bucket S. Returns (out [B, T, N, H], the written stacked (k, v)).
+
+  Write first, then read the written buffer: the read depends on the write, so XLA updates
+  the cache (a loop carry of the layer scan) in place instead of copying it.
+  """
+  kc, vc, layer, index = layer_cache
+  kc = jax.lax.dynamic_update_slice(kc, k_BKTH.transpose(0, 1, 3, 2)[None].astype(kc.dtype),
+                                    (layer, 0, 0, 0, index))
+  vc = jax.lax.dynamic_update_slice(vc, v_BKTH[None].astype(vc.dtype), (layer, 0, 0, index, 0))
+  # Rounded to the cache dtype, as when read back from the cache later.
+  k_BKTH = k_BKTH.astype(kc.dtype).astype(k_BKTH.dtype)
+  v_BKTH = v_BKTH.astype(vc.dtype).astype(v_BKTH.dtype)
+  q_BKGTH = _group_queries(q_BTNH, cfg)
+  state = decode_attention.fold(
+      decode_attention.init_state(q_BKGTH),
+      decode_attention.scores(q_BKGTH, k_BKTH.transpose(0, 1, 3, 2), mask_new_BTT), v_BKTH)
+  state = decode_attention.fold_cache_blocks(
+      state, q_BKGTH, kc, vc, mask_BTS, index, block_size=cfg.decode_block_size, layer=layer)
+  return _ungroup(decode_attention.finish(state, cfg.dtype), cfg), (kc, vc)
 
 
 def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
@@ -410,14 +434,7 @@ def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   # the same result.
   k_BKTH = k_BKTH.astype(layer_cache[0].dtype).astype(k_BKTH.dtype)
   v_BKTH = v_BKTH.astype(layer_cache[1].dtype).astype(v_BKTH.dtype)
-  if cfg.attention_impl == "jax":
-    out_BTNH = _attend_jax(
-        q_BTNH, jnp.concatenate([ck.transpose(0, 1, 3, 2), k_BKTH], axis=2),
-        jnp.concatenate([cv, v_BKTH], axis=2),
-        jnp.concatenate([mask_BTS, mask_new_BTT], axis=2), cfg)
-  else:
-    out_BTNH = _attend_cached_einsum(q_BTNH, ck, cv, mask_BTS, k_BKTH, v_BKTH, mask_new_BTT,
-                                     cfg)
+  out_BTNH = _attend_cached_einsum(q_BTNH, ck, cv, mask_BTS, k_BKTH, v_BKTH, mask_new_BTT, cfg)
   return out_BTNH, k_BKTH, v_BKTH
 
 
@@ -444,7 +461,10 @@ class Attention(nn.Module):
     one, `mask_BTS` is the new tokens' [B, T] segment ids (see `_Masks`)."""
     cfg = self.cfg
     q_BTNH, k_BKTH, v_BKTH = self._qkv(x_BTD, sin_BTh, cos_BTh)
-    if layer_cache is not None and len(layer_cache) == 3:  # per-layer cache: write, then read
+    if isinstance(layer_cache, decode_attention.StackedLayerCache):  # write, then read
+      out_BTNH, new_kv = _attend_stacked_cache_blocks(q_BTNH, k_BKTH, v_BKTH, layer_cache,
+                                                      mask_BTS, mask_new_BTT, cfg)
+    elif layer_cache is not None and len(layer_cache) == 3:  # per-layer: write, then read
       out_BTNH, new_kv = _attend_written_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache, mask_BTS,
                                                cfg)
     else:
@@ -592,13 +612,16 @@ def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bo
 def _write_new_kv(cache: KVCache, new_kv: Any, layers_wrote: bool) -> tuple[Any, Any]:
   """The cache's (k, v) with every layer's T new slots written at [index, index + T).
 
-  new_kv: the layers' (k, v): written per-layer buffers when `layers_wrote` (the unrolled
-  path), else the new slots stacked [L, B, K, H, T] / [L, B, K, T, H] (the scan). One in-place
+  new_kv: the layers' (k, v): the cache as the layers wrote it when `layers_wrote` (per-layer
+  buffers of the unrolled path, or the stacked buffers of `Decoder._scanned_cached_layers`),
+  else the new slots stacked [L, B, K, H, T] / [L, B, K, T, H] (the scan). One in-place
   write (the cache buffer is donated / a loop carry, so XLA updates it without a copy).
   """
   index = cache.index
-  if cache.per_layer and layers_wrote:  # written by the layers
-    return tuple(new_kv[0]), tuple(new_kv[1])
+  if layers_wrote:  # written by the layers
+    if cache.per_layer:
+      return tuple(new_kv[0]), tuple(new_kv[1])
+    return new_kv[0], new_kv[1]
   if cache.per_layer:  # a prefill: the scan's stacked [L, ...] new slots
     new_k = tuple(jax.lax.dynamic_update_slice(
         ck, new_kv[0][i].astype(ck.dtype), (0, 0, 0, index)) for i, ck in enumerate(cache.k))
@@ -613,13 +636,13 @@ def _write_new_kv(cache: KVCache, new_kv: Any, layers_wrote: bool) -> tuple[Any,
 
 
 def _updated_cache(cache: KVCache, masks: _Masks, new_kv: Any, seg_BT: Array,
-                   positions_BT: Array) -> KVCache:
+                   positions_BT: Array, layers_wrote: bool) -> KVCache:
   """`cache` after the [B, T] new tokens: their keys / values and segment ids in slots
   [index, index + T), index + T, and each row's next RoPE position (unchanged for a row of
-  padding only)."""
+  padding only). layers_wrote: `new_kv` is the cache as the layers wrote it."""
   valid_BT = seg_BT != 0
   last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
-  new_k, new_v = _write_new_kv(cache, new_kv, masks.layer_caches is not None)
+  new_k, new_v = _write_new_kv(cache, new_kv, layers_wrote)
   return KVCache(
       k=new_k, v=new_v,
       segment_ids=masks.new_seg_BS,
@@ -663,9 +686,14 @@ class Decoder(nn.Module):
 
     embed = Embed(cfg, name="embed_tokens")
     x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
-    if masks.layer_caches is not None and cache.per_layer:
+    # Whether the layers write their new slots into the cache themselves (then read it).
+    layers_wrote = masks.layer_caches is not None and (
+        cache.per_layer or self._reads_stacked_blocks())
+    if layers_wrote and cache.per_layer:
       x_BTD, new_kv = self._unrolled_layers(x_BTD, masks.layer_caches, cache.index, sin_BTh,
                                             cos_BTh, masks.mask_BTS)
+    elif layers_wrote:
+      x_BTD, new_kv = self._scanned_cached_layers(x_BTD, masks, cache.index, sin_BTh, cos_BTh)
     else:
       x_BTD, new_kv = self._scanned_layers(x_BTD, masks, cache is not None, sin_BTh, cos_BTh)
     hidden_BTD = RMSNorm(cfg, name="norm")(x_BTD)
@@ -673,7 +701,7 @@ class Decoder(nn.Module):
     logits = self._lm_head(embed, hidden_BTD) if compute_logits else None
     new_cache = None
     if cache is not None:
-      new_cache = _updated_cache(cache, masks, new_kv, seg_BT, positions_BT)
+      new_cache = _updated_cache(cache, masks, new_kv, seg_BT, positions_BT, layers_wrote)
     return DecoderOutput(logits=logits, cache=new_cache,
                          hidden=hidden_BTD if return_hidden else None)
 
@@ -696,6 +724,41 @@ class Decoder(nn.Module):
     )(cfg, return_kv, name="layers")
     return layers(x_BTD, masks.layer_caches, sin_BTh, cos_BTh, masks.mask_BTS,
                   masks.mask_new_BTT)
+
+  def _reads_stacked_blocks(self) -> bool:
+    """Whether a stacked cache is read block by block (`_scanned_cached_layers`): with
+    `cfg.decode_block_size` > 0 and existing parameters (an init runs the `nn.scan`)."""
+    return bool(self.cfg.decode_block_size) and "layers" in self.variables.get("params", {})
+
+  def _scanned_cached_layers(self, x_BTD: Array, masks: _Masks, index: Array, sin_BTh: Array,
+                             cos_BTh: Array) -> tuple[Array, tuple[Array, Array]]:
+    """The layers over a stacked cache as a `lax.scan` of `Block.apply` over the stacked
+    parameters and the layer index, the same parameters and results as `_scanned_layers`:
+    x [B, T, D] -> (x, the cache's (k [L, B, K, H, S], v [L, B, K, S, H]) with every layer's
+    new slots written).
+
+    The [L, ...] cache is a carry of the scan (not a scanned input): each layer writes its new
+    slots into it in place and reads only the blocks it attends
+    (`decode_attention.StackedLayerCache`); scanning over the cache made XLA copy every
+    layer's whole cache out of the stack at every step.
+    """
+    cfg = self.cfg
+    block = Block(cfg, True, parent=None)
+
+    def layer(carry, inputs):
+      x, k_L, v_L = carry
+      params_l, l = inputs
+      read = decode_attention.StackedLayerCache(k_L, v_L, l, index)
+      x, (k_L, v_L) = block.apply({"params": params_l}, x, read, sin_BTh, cos_BTh,
+                                  masks.mask_BTS, masks.mask_new_BTT)
+      return (x, k_L, v_L), None
+
+    layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    (x_BTD, k_L, v_L), _ = jax.lax.scan(
+        layer, (x_BTD,) + tuple(masks.layer_caches),
+        (self.variables["params"]["layers"], layer_ids),
+        unroll=min(cfg.scan_unroll, cfg.num_layers))
+    return x_BTD, (k_L, v_L)
 
   def _lm_head(self, embed: Embed, hidden_BTD: Array) -> Array:
     """Logits [B, T, V] in cfg.logits_dtype: the tied embedding or `lm_head`, fp32 accumulation."""

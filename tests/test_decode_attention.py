@@ -1,0 +1,118 @@
+"""Decode attention over the written cache blocks == attention over the whole cache bucket.
+
+Reference: one softmax over every slot with the unwritten / masked ones biased away (the
+decoder's `decode_block_size=0` path, and a numpy softmax here).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lad_jax import models
+from lad_jax import sampler as sampler_lib
+from lad_jax.models import decode_attention, testing
+
+B, K, G, T, H, S = 3, 2, 2, 2, 8, 20
+
+
+def _numpy_attention(q, k_BKHS, v_BKSH, mask_BTS):
+  """Softmax over the attended slots only (float64), [B, K, G, T, H]."""
+  s = np.einsum("bkgth,bkhs->bkgts", q.astype(np.float64), k_BKHS.astype(np.float64))
+  s = np.where(mask_BTS[:, None, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  return np.einsum("bkgts,bksh->bkgth", p, v_BKSH.astype(np.float64))
+
+
+def _inputs(seed=0):
+  rng = np.random.default_rng(seed)
+  q = rng.normal(size=(B, K, G, T, H)).astype(np.float32)
+  k = rng.normal(size=(B, K, H, S)).astype(np.float32)
+  v = rng.normal(size=(B, K, S, H)).astype(np.float32)
+  mask = rng.random((B, T, S)) < 0.7
+  mask[:, :, 0] = True  # every query attends somewhere
+  return q, k, v, mask
+
+
+@pytest.mark.parametrize("block_size", [1, 3, 6, 7, 20, 64])
+@pytest.mark.parametrize("num_slots", [1, 13, 20])
+def test_blocks_equal_one_softmax_over_the_written_slots(block_size, num_slots):
+  """Block sizes that divide S, do not (the clamped last block re-reads slots: counted once),
+  and exceed it; slots at or after num_slots are never attended."""
+  q, k, v, mask = _inputs()
+  written = mask & (np.arange(S) < num_slots)
+  st = decode_attention.fold_cache_blocks(
+      decode_attention.init_state(jnp.asarray(q)), jnp.asarray(q), jnp.asarray(k),
+      jnp.asarray(v), jnp.asarray(mask), jnp.int32(num_slots), block_size=block_size)
+  got = decode_attention.finish(st, jnp.float32)
+  np.testing.assert_allclose(got, _numpy_attention(q, k, v, written), atol=2e-6)
+
+
+def test_stacked_layer_and_new_tokens_fold_into_one_softmax():
+  """Layer 1 of a stacked [L, ...] cache read by block, plus new keys folded in first."""
+  q, k, v, mask = _inputs(1)
+  rng = np.random.default_rng(2)
+  kn, vn = rng.normal(size=(B, K, H, T)).astype(np.float32), rng.normal(
+      size=(B, K, T, H)).astype(np.float32)
+  mask_new = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
+  k_L = jnp.stack([jnp.zeros_like(k), jnp.asarray(k)])
+  v_L = jnp.stack([jnp.zeros_like(v), jnp.asarray(v)])
+  st = decode_attention.fold(decode_attention.init_state(jnp.asarray(q)),
+                             decode_attention.scores(jnp.asarray(q), kn, mask_new), vn)
+  st = decode_attention.fold_cache_blocks(st, jnp.asarray(q), k_L, v_L, jnp.asarray(mask),
+                                          jnp.int32(11), block_size=4, layer=jnp.int32(1))
+  got = decode_attention.finish(st, jnp.float32)
+  want = _numpy_attention(q, np.concatenate([k, kn], -1), np.concatenate([v, vn], 2),
+                          np.concatenate([mask & (np.arange(S) < 11), mask_new], -1))
+  np.testing.assert_allclose(got, want, atol=2e-6)
+
+
+@pytest.mark.parametrize("per_layer", [True, False])
+def test_cached_decoder_steps_equal_the_whole_bucket(per_layer):
+  """Prefill, then a 3-token step (T > 1: causal among the new tokens) and a 1-token step:
+  logits with decode blocks of 4 slots == with attention over the whole 24-slot bucket."""
+  cfg = testing.tiny_config("qwen2")
+  params = jax.tree.map(jnp.asarray, testing.random_params(cfg))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
+  mask = jnp.asarray(np.arange(9)[None] >= np.array([[0], [4]]))  # row 1 left-padded
+
+  def run(block):
+    c = cfg.replace(decode_block_size=block)
+    model = models.Decoder(c)
+    cache = models.KVCache.init(c, batch_size=2, max_length=24, per_layer=per_layer)
+    out = model.apply({"params": params}, tokens, mask_BT=mask, cache=cache,
+                      cache_is_empty=True)
+    out2 = model.apply({"params": params}, tokens[:, :3], cache=out.cache)
+    out3 = model.apply({"params": params}, tokens[:, 3:4], cache=out2.cache)
+    return out2.logits, out3.logits, out3.cache
+
+  old, new = jax.jit(run, static_argnums=0)(0), jax.jit(run, static_argnums=0)(4)
+  np.testing.assert_allclose(new[0], old[0], atol=1e-5)
+  np.testing.assert_allclose(new[1], old[1], atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), new[2], old[2])
+
+
+@pytest.mark.parametrize("per_layer,temperature", [(True, 1.0), (False, 1.0), (False, 0.0)])
+def test_sampler_equals_whole_bucket_attention(per_layer, temperature):
+  """Same key: identical tokens and logp to ~1e-5, decode blocks of 5 slots (so several
+  blocks and a clamped last one) vs the whole-bucket attention (`decode_block_size=0`)."""
+  base = testing.tiny_config("qwen2")
+  params = jax.tree.map(jnp.asarray, testing.random_params(base))
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, base.vocab_size, n).tolist() for n in (3, 7, 12, 1)]
+  outs = []
+  for block in (0, 5):
+    smp = sampler_lib.Sampler(models.Decoder(base.replace(decode_block_size=block)),
+                              eos_ids=(3, 50), pad_id=0, prompt_buckets=(16,),
+                              response_buckets=(24,), per_layer_cache=per_layer)
+    outs.append(smp.sample(params, prompts, jax.random.key(1), group_size=3,
+                           max_new_tokens=20, temperature=temperature))
+  old, new = outs
+  np.testing.assert_array_equal(new.response_tokens, old.response_tokens)
+  np.testing.assert_array_equal(new.response_mask, old.response_mask)
+  np.testing.assert_allclose(new.logp, old.logp, atol=1e-5)
+  assert np.asarray(old.lengths).max() > 10  # the cache fills several blocks
