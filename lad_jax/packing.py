@@ -35,6 +35,8 @@ from lad_jax import errors
 
 Array = jax.Array
 
+MIN_SAVING = 0.1  # pack only when the packed rows have <= 90% of the trimmed batch's slots
+
 
 @dataclasses.dataclass(frozen=True)
 class PackSettings:
@@ -119,6 +121,13 @@ class Plan(NamedTuple):
   def padding_fraction(self) -> float:
     """Empty slots / all slots of the packed rows."""
     return 1.0 - float(self.valid_NL.sum()) / self.segment_ids_RC.size
+
+  @property
+  def worth_packing(self) -> bool:
+    """Whether the packed rows save at least MIN_SAVING of the trimmed [N, L] slots. Packing
+    runs the LM head on every packed slot (the unpacked path skips the prompt columns), so
+    rows that do not pack (long prompts, short responses) are cheaper unpacked."""
+    return self.segment_ids_RC.size <= (1.0 - MIN_SAVING) * self.valid_NL.size
 
 
 def round_up(x: int, multiple: int) -> int:

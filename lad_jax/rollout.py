@@ -222,7 +222,8 @@ def to_train_batch(r: Rollout, *, mesh, with_prompt_mask: bool = False,
   old_logp starts as the sampler's behaviour logp (0 on the prompt); advantages start at 0 and
   are filled by the ADVANTAGE stage. prompt_mask is carried only for the log Z head. With `pack`
   the response columns are trimmed to the longest response (rounded up to its length bucket)
-  and the batch carries the packed rows the model runs on (`packing`; TrainBatch.packed).
+  and, where packing saves enough (`packing.Plan.worth_packing`), the batch carries the packed
+  rows the model runs on (`packing`; TrainBatch.packed).
   """
   n, p = r.prompt_tokens.shape
   plan = None if pack is None else packing.plan(r.prompt_mask, r.response_mask, pack)
@@ -239,7 +240,7 @@ def to_train_batch(r: Rollout, *, mesh, with_prompt_mask: bool = False,
     host["prompt_mask"] = np.concatenate([r.prompt_mask, np.zeros_like(response_mask)], axis=1)
   sh = train_lib.batch_sharding(mesh)
   packed = None
-  if plan is not None:
+  if plan is not None and plan.worth_packing:
     packed = jax.tree.map(lambda x: global_array(x, sh), packing.pack_tokens(plan, host["tokens"]))
   return train_lib.TrainBatch(prompt_length=p, packed=packed,
                               **{k: global_array(v, sh) for k, v in host.items()})
