@@ -102,7 +102,8 @@ class Plan(NamedTuple):
     unit_rows: r, packed rows per micro-batch.
     micro_batches: m.
     valid_NL: [N, L] bool, the tokens (prompt and response, trimmed).
-    flat_NL: [N, L] int64 position in the [R * C] packed array (-1 off valid_NL).
+    flat_T: [T] int64 position in the [R * C] packed array of each token (T = valid_NL.sum(),
+      in row-major order of valid_NL).
     index_NL: [N, L] int32 position inside the micro-batch's r * C slots (r * C off valid_NL).
     segment_ids_RC, positions_RC: [R, C] int32.
   """
@@ -112,7 +113,7 @@ class Plan(NamedTuple):
   unit_rows: int
   micro_batches: int
   valid_NL: np.ndarray
-  flat_NL: np.ndarray
+  flat_T: np.ndarray
   index_NL: np.ndarray
   segment_ids_RC: np.ndarray
   positions_RC: np.ndarray
@@ -121,6 +122,13 @@ class Plan(NamedTuple):
   def padding_fraction(self) -> float:
     """Empty slots / all slots of the packed rows."""
     return 1.0 - float(self.valid_NL.sum()) / self.segment_ids_RC.size
+
+  @property
+  def flat_NL(self) -> np.ndarray:
+    """[N, L] int64 `flat_T` in the batch layout, -1 off valid_NL."""
+    out = np.full(self.valid_NL.shape, -1, np.int64)
+    out[self.valid_NL] = self.flat_T
+    return out
 
   @property
   def worth_packing(self) -> bool:
@@ -205,24 +213,24 @@ def plan(prompt_mask_NP: np.ndarray, response_mask_NR: np.ndarray, settings: Pac
   row_N, offset_N, most = _place(lengths_N, unit_N, units, capacity)
   r = bucket_rows(most, settings.row_multiple)
   m = settings.micro_batches
-  rank_NL = np.cumsum(valid_NL, axis=1) - 1
-  local_NL = row_N[:, None] * capacity + offset_N[:, None] + rank_NL
-  index_NL = np.where(valid_NL, local_NL, r * capacity).astype(np.int32)
+  # Per token (row-major over valid_NL, so a row's tokens are consecutive): rank in its sequence.
+  rows_T, cols_T = np.nonzero(valid_NL)
+  starts_N = np.cumsum(lengths_N) - lengths_N
+  rank_T = np.arange(rows_T.size) - starts_N[rows_T]
+  local_T = (row_N * capacity + offset_N)[rows_T] + rank_T
+  index_NL = np.full((n, valid_NL.shape[1]), r * capacity, np.int32)
+  index_NL[rows_T, cols_T] = local_T
   # Local row k of unit (b, i) is global packed row b * m * r + k * m + i.
-  block, micro = unit_N // m, unit_N % m
-  global_row_N = block * m * r + micro
-  global_row_NL = global_row_N[:, None] + (local_NL // capacity) * m
-  flat_NL = np.where(valid_NL, global_row_NL * capacity + local_NL % capacity, -1)
+  base_N = (unit_N // m) * m * r + unit_N % m + row_N * m
+  flat_T = (base_N * capacity + offset_N)[rows_T] + rank_T
   total = units * r * capacity
   segment = np.zeros(total, np.int32)
   positions = np.zeros(total, np.int32)
-  rows_n, cols_n = np.nonzero(valid_NL)
   # Segment ids: 1 + the sequence's order in its row (by offset), unique inside a row.
-  seg_of_row = _segment_numbers(row_N, offset_N, unit_N)
-  segment[flat_NL[rows_n, cols_n]] = seg_of_row[rows_n]
-  positions[flat_NL[rows_n, cols_n]] = rank_NL[rows_n, cols_n]
+  segment[flat_T] = _segment_numbers(row_N, offset_N, unit_N)[rows_T]
+  positions[flat_T] = rank_T
   return Plan(response_width=width, capacity=capacity, unit_rows=r, micro_batches=m,
-              valid_NL=valid_NL, flat_NL=flat_NL, index_NL=index_NL,
+              valid_NL=valid_NL, flat_T=flat_T, index_NL=index_NL,
               segment_ids_RC=segment.reshape(-1, capacity),
               positions_RC=positions.reshape(-1, capacity))
 
@@ -244,7 +252,7 @@ def pack_tokens(p: Plan, tokens_NL: np.ndarray) -> Packed:
   if tokens_NL.shape != p.valid_NL.shape:
     raise ValueError(f"tokens have shape {tokens_NL.shape}, the plan {p.valid_NL.shape}.")
   flat = np.zeros(p.segment_ids_RC.size, np.int32)
-  flat[p.flat_NL[p.valid_NL]] = tokens_NL[p.valid_NL]
+  flat[p.flat_T] = tokens_NL[p.valid_NL]
   return Packed(tokens_RC=flat.reshape(p.segment_ids_RC.shape), segment_ids_RC=p.segment_ids_RC,
                 positions_RC=p.positions_RC, index_NL=p.index_NL,
                 micro_batches=p.micro_batches, unit_rows=p.unit_rows)
