@@ -324,3 +324,14 @@ def test_bad_packed_batches_raise(setup):
   with pytest.raises(ValueError, match="index_NL has shape"):
     train.check_batch(packed.replace(packed=bad), dataclasses.replace(spec, micro_batches=2),
                       has_logz_head=False)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("pack_length_bucket", 0, "pack_length_bucket=0 is not valid"),
+    ("pack_capacity", -1, "pack_capacity=-1 is not valid")])
+def test_config_keys_are_validated(key, value, message):
+  from lad_jax import config_utils  # pylint: disable=g-import-not-at-top
+  config = config_utils.base_config()
+  config.train[key] = value
+  with pytest.raises(config_utils.ConfigError, match=message):
+    config_utils.validate(config)
