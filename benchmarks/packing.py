@@ -1,7 +1,7 @@
 """Train-step time and padding of padded vs trimmed + packed batches (lad_jax/packing.py).
 
   python benchmarks/packing.py [--rows 32] [--max_length 1024] [--prompt 64] [--micro 2]
-      [--reps 5] [--hidden 128] [--layers 2] [--vocab 1024] [--mean_frac 0.3]
+      [--reps 5] [--hidden 128] [--layers 2] [--vocab 1024] [--mean_frac 0.3] [--capacity 0]
 
 Rollouts of `--rows` responses whose lengths are lognormal (sigma 0.8) with mean
 mean_frac * max_length, cut at max_length (those are truncated), after prompts of 1/2 to all of
@@ -84,6 +84,7 @@ def main():
   parser.add_argument("--prompt", type=int, default=64)
   parser.add_argument("--micro", type=int, default=2)
   parser.add_argument("--bucket", type=int, default=128)
+  parser.add_argument("--capacity", type=int, default=0, help="tokens per packed row (0: P + R')")
   parser.add_argument("--reps", type=int, default=5)
   parser.add_argument("--hidden", type=int, default=128)
   parser.add_argument("--layers", type=int, default=2)
@@ -97,7 +98,8 @@ def main():
   mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
   r = make_rollout(rows=args.rows, prompt=args.prompt, max_length=args.max_length,
                    vocab=args.vocab, mean_frac=args.mean_frac)
-  settings = packing.PackSettings(micro_batches=args.micro, length_bucket=args.bucket)
+  settings = packing.PackSettings(micro_batches=args.micro, length_bucket=args.bucket,
+                                  capacity=args.capacity)
   batches = {"padded": rollout.to_train_batch(r, mesh=mesh),
              "packed": rollout.to_train_batch(r, mesh=mesh, pack=settings)}
   plan = packing.plan(r.prompt_mask, r.response_mask, settings)

@@ -209,7 +209,7 @@ def test_packed_scores_equal_unpacked(setup):
 
 def test_behaviour_scoring_chunked_and_packed_equal_one_call(setup):
   cfg, mesh, params = setup
-  r = _rollout(n=16, seed=2)
+  r = _rollout(n=32, seed=2)
   full, packed = _batches(r, mesh, micro=2, mini=2)
   mask = np.asarray(full.loss_mask)
   one = scoring.make_logp_fn(cfg, mesh=mesh, chunk_size=8)
@@ -297,9 +297,9 @@ def test_jitted_step_and_mini_batches_on_a_sharded_mesh():
   tx = optax.sgd(0.5)
   state, shardings = train.create_train_state(Decoder(cfg), tx, jax.random.key(0), mesh=mesh,
                                               compiler_options=FAST)
-  r = _rollout(n=16, seed=6)
+  r = _rollout(n=32, seed=6)
   full, packed = _batches(r, mesh, micro=2, mini=2, multiple=2)
-  adv = jnp.asarray(np.random.default_rng(1).normal(size=(16,)).astype(np.float32))
+  adv = jnp.asarray(np.random.default_rng(1).normal(size=(32,)).astype(np.float32))
   spec = train.StepSpec(model_cfg=cfg, objective=objectives.get("grpo"), tx=tx, micro_batches=2)
   step = train.jit_train_step(spec, mesh=mesh, state_shardings=shardings, compiler_options=FAST)
   clone = lambda t: jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), t)
