@@ -191,6 +191,12 @@ def _train_section() -> ConfigDict:
   s.micro_batches = 1  # gradient accumulation inside one optimizer step
   s.recompute_old_logp = True  # False: use the sampler's behaviour logp
   s.chunk_size = config_dict.placeholder(int)  # logits chunk along T
+  # Trimmed, packed batches (verl use_remove_padding / use_dynamic_bsz; lad_jax/packing.py):
+  # responses trimmed to the longest one rounded up to pack_length_bucket tokens, and each
+  # micro-batch's sequences packed into rows of pack_capacity tokens (0: the trimmed length).
+  s.pack = True
+  s.pack_length_bucket = 256
+  s.pack_capacity = 0
   # Updates with a non-finite loss or gradient are skipped (parameters unchanged); this many in
   # a row stop the run with an error (0: never stop).
   s.max_nonfinite_updates = 3
@@ -471,6 +477,8 @@ CONFIG_RANGES: dict[str, Range] = {
     "train.num_steps": NONNEG_INT, "train.prompts_per_step": COUNT, "train.mini_batches": COUNT,
     "train.epochs": COUNT, "train.micro_batches": COUNT,
     "train.chunk_size": Range(1, integer=True, none="no chunking"),
+    "train.pack_length_bucket": COUNT,
+    "train.pack_capacity": Range(0, integer=True, why="0: the trimmed prompt + response length"),
     "train.max_nonfinite_updates": NONNEG_INT,
     "optim.lr": NONNEG, "optim.warmup_steps": NONNEG_INT, "optim.weight_decay": NONNEG,
     "optim.grad_clip": Range(0, none="no clipping", why="0 also turns clipping off"),
@@ -645,6 +653,8 @@ def _check_batch_layout(config: ConfigDict) -> None:
     raise ConfigError(
         f"A mini-batch of {rows // per_update} rows does not split into "
         f"train.micro_batches={config.train.micro_batches}.")
+  if not isinstance(config.train.pack, bool):
+    raise ConfigError(f"config.train.pack must be True or False, got {config.train.pack!r}.")
   if config.sampling.top_p < 1.0 or config.sampling.top_k > 0:
     raise ConfigError(
         "Training rollouts need sampling.top_p=1 and sampling.top_k=0: truncated sampling "

@@ -40,6 +40,7 @@ from lad_jax import components
 from lad_jax import config_utils
 from lad_jax import errors
 from lad_jax import evaluate as evaluate_lib
+from lad_jax import packing
 from lad_jax import perf
 from lad_jax import policy
 from lad_jax import report
@@ -71,12 +72,12 @@ def score_behaviour(batch: TrainBatch, *, logp_fn: Callable[..., jax.Array], par
   if recompute_old_logp:
     t0 = time.perf_counter()
     batch = batch.replace(old_logp=jax.block_until_ready(
-        logp_fn(params, batch.tokens, batch.mask, prompt_length=p)))
+        logp_fn(params, batch.tokens, batch.mask, prompt_length=p, packed=batch.packed)))
     timings["timing_s/old_log_prob"] = time.perf_counter() - t0
   if ref_params is not None:
     t0 = time.perf_counter()
     batch = batch.replace(ref_logp=jax.block_until_ready(
-        logp_fn(ref_params, batch.tokens, batch.mask, prompt_length=p)))
+        logp_fn(ref_params, batch.tokens, batch.mask, prompt_length=p, packed=batch.packed)))
     timings["timing_s/ref"] = time.perf_counter() - t0
   return batch, timings
 
@@ -102,10 +103,11 @@ def with_advantages(batch: TrainBatch, rewards_N: np.ndarray, *, estimator: str,
 
 
 @functools.lru_cache(maxsize=None)
-def _row_slicer(sharding, rows: int) -> Callable[[TrainBatch, int], TrainBatch]:
-  """Jitted batch[start:start + rows] (traced start: one compile), rows over the batch axes."""
-  def take(batch, start):
-    return jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, rows), batch)
+def _row_slicer(sharding, mini_batches: int) -> Callable[[TrainBatch, int], TrainBatch]:
+  """Jitted mini-batch i of `mini_batches` (`train.take_mini_batch`; traced i: one compile),
+  rows over the batch axes."""
+  def take(batch, index):
+    return train_lib.take_mini_batch(batch, index, mini_batches)
   return jax.jit(take, out_shardings=sharding)
 
 
@@ -117,13 +119,11 @@ def update(state: TrainState, batch: TrainBatch, *, train_step: Callable, mini_b
   Raises:
     NonFiniteError: `max_nonfinite` (> 0) updates in a row were skipped as non-finite.
   """
-  n = batch.tokens.shape[0]
-  rows = n // mini_batches
-  take = _row_slicer(train_lib.batch_sharding(mesh), rows)
+  take = _row_slicer(train_lib.batch_sharding(mesh), mini_batches)
   sums: dict[str, float] = {}
   for _ in range(epochs):
     for i in range(mini_batches):
-      state, m = train_step(state, take(batch, i * rows))
+      state, m = train_step(state, take(batch, i))
       m = {name: float(np.asarray(v)) for name, v in jax.device_get(m).items()}  # one copy
       for name, value in m.items():
         sums[name] = sums.get(name, 0.0) + value
@@ -190,6 +190,7 @@ class Components(NamedTuple):
   logp_fn: Callable[..., jax.Array]
   ref_params: Any  # None unless the objective or the estimator needs pi_ref
   num_params: int  # of the policy model (for MFU)
+  pack: Optional[packing.PackSettings] = None  # train.pack: trimmed, packed batches
 
 
 class StepOutput(NamedTuple):
@@ -211,7 +212,7 @@ def rl_step(state: TrainState, stream: tasks_lib.PromptStream, key: jax.Array, *
       num_groups=loop.num_groups, pad_id=c.pad_id, dynamic_sampling=loop.dynamic_sampling,
       max_gen_batches=loop.max_gen_batches, on_shortfall=loop.on_shortfall)
   batch = rollout_lib.to_train_batch(got.rollout, mesh=c.mesh,
-                                     with_prompt_mask=c.objective.needs_log_z)
+                                     with_prompt_mask=c.objective.needs_log_z, pack=c.pack)
   batch, timings = score_behaviour(batch, logp_fn=c.logp_fn, params=params,
                                    ref_params=c.ref_params,
                                    recompute_old_logp=loop.recompute_old_logp)
@@ -295,9 +296,22 @@ def build_components(config, *, task: Optional[tasks_lib.Task] = None
       objective=objective, estimator=estimator,
       train_step=train_lib.jit_train_step(spec, mesh=mesh, state_shardings=state_shardings),
       logp_fn=scoring.make_logp_fn(model_cfg, mesh=mesh, temperature=config.sampling.temperature,
-                                   chunk_size=config.train.chunk_size),
+                                   chunk_size=config.train.chunk_size,
+                                   row_chunks=config.train.mini_batches
+                                   * config.train.micro_batches),
       ref_params=ref_params,
-      num_params=sum(x.size for x in jax.tree.leaves(state.params["model"]))), state
+      num_params=sum(x.size for x in jax.tree.leaves(state.params["model"])),
+      pack=pack_settings(config, mesh)), state
+
+
+def pack_settings(config, mesh) -> Optional[packing.PackSettings]:
+  """train.pack's settings (rows per micro-batch a multiple of the batch devices), or None."""
+  t = config.train
+  if not t.pack:
+    return None
+  return packing.PackSettings(mini_batches=t.mini_batches, micro_batches=t.micro_batches,
+                              length_bucket=t.pack_length_bucket, capacity=t.pack_capacity,
+                              row_multiple=train_lib.batch_devices(mesh))
 
 
 def _evaluate(c: Components, state: TrainState, key: jax.Array, config) -> dict[str, float]:

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from lad_jax import advantages as advantages_lib
+from lad_jax import packing
 from lad_jax import train as train_lib
 
 
@@ -214,25 +215,34 @@ def global_array(x: np.ndarray, sharding) -> jax.Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
 
-def to_train_batch(r: Rollout, *, mesh, with_prompt_mask: bool = False
-                   ) -> train_lib.TrainBatch:
+def to_train_batch(r: Rollout, *, mesh, with_prompt_mask: bool = False,
+                   pack: Optional[packing.PackSettings] = None) -> train_lib.TrainBatch:
   """The trainer's layout [prompt P | response R] on device, rows over the batch axes.
 
   old_logp starts as the sampler's behaviour logp (0 on the prompt); advantages start at 0 and
-  are filled by the ADVANTAGE stage. prompt_mask is carried only for the log Z head.
+  are filled by the ADVANTAGE stage. prompt_mask is carried only for the log Z head. With `pack`
+  the response columns are trimmed to the longest response (rounded up to its length bucket)
+  and, where packing saves enough (`packing.Plan.worth_packing`), the batch carries the packed
+  rows the model runs on (`packing`; TrainBatch.packed).
   """
   n, p = r.prompt_tokens.shape
+  plan = None if pack is None else packing.plan(r.prompt_mask, r.response_mask, pack)
+  width = r.response_tokens.shape[1] if plan is None else plan.response_width
+  response_mask = r.response_mask[:, :width]
   host = dict(
-      tokens=np.concatenate([r.prompt_tokens, r.response_tokens], axis=1),
-      mask=np.concatenate([r.prompt_mask, r.response_mask], axis=1),
-      loss_mask=np.concatenate([np.zeros((n, p), bool), r.response_mask], axis=1),
-      old_logp=np.concatenate([np.zeros((n, p), np.float32), r.logp], axis=1
+      tokens=np.concatenate([r.prompt_tokens, r.response_tokens[:, :width]], axis=1),
+      mask=np.concatenate([r.prompt_mask, response_mask], axis=1),
+      loss_mask=np.concatenate([np.zeros((n, p), bool), response_mask], axis=1),
+      old_logp=np.concatenate([np.zeros((n, p), np.float32), r.logp[:, :width]], axis=1
                               ).astype(np.float32),
       advantages=np.zeros((n,), np.float32))
   if with_prompt_mask:
-    host["prompt_mask"] = np.concatenate([r.prompt_mask, np.zeros_like(r.response_mask)], axis=1)
+    host["prompt_mask"] = np.concatenate([r.prompt_mask, np.zeros_like(response_mask)], axis=1)
   sh = train_lib.batch_sharding(mesh)
-  return train_lib.TrainBatch(prompt_length=p,
+  packed = None
+  if plan is not None and plan.worth_packing:
+    packed = jax.tree.map(lambda x: global_array(x, sh), packing.pack_tokens(plan, host["tokens"]))
+  return train_lib.TrainBatch(prompt_length=p, packed=packed,
                               **{k: global_array(v, sh) for k, v in host.items()})
 
 

@@ -40,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lad_jax import losses
 from lad_jax import objectives
+from lad_jax import packing
 from lad_jax import scoring
 from lad_jax import sharding
 from lad_jax.models import params as params_lib
@@ -358,6 +359,9 @@ class TrainBatch:
     prompt_mask: [N, L] bool, True on prompt tokens, for the log Z head; else None.
     prompt_length: P, static (one compile per value): columns < P are prompt, never in
       loss_mask, and get no LM head (which saves P / L of its FLOPs).
+    packed: the same tokens packed into rows (`packing.Packed`, built with this step's
+      micro_batches): the model runs on those and the scores are gathered back to [N, L]; the
+      loss tensors above keep their [N, L] layout. None = the model runs on `tokens`.
   """
 
   tokens: Array
@@ -368,6 +372,7 @@ class TrainBatch:
   ref_logp: Optional[Array] = None
   prompt_mask: Optional[Array] = None
   prompt_length: int = flax.struct.field(pytree_node=False, default=0)
+  packed: Optional[packing.Packed] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -435,18 +440,37 @@ def check_batch(batch: TrainBatch, spec: StepSpec, *, has_logz_head: bool,
   if isinstance(batch.loss_mask, np.ndarray) and p and np.any(batch.loss_mask[:, :p]):
     raise ValueError(f"loss_mask is True in a column < prompt_length={p}; those columns get no "
                      "log-probability. Pass the prompt width of the batch (or 0).")
+  if batch.packed is not None:
+    _check_packed(batch.packed, shape, spec.micro_batches)
+
+
+def _check_packed(packed: packing.Packed, shape: tuple[int, ...], micro_batches: int) -> None:
+  """A packed batch was built for this step's micro-batches and this (mini-)batch's rows."""
+  if tuple(packed.index_NL.shape) != shape:
+    raise ValueError(f"TrainBatch.packed.index_NL has shape {tuple(packed.index_NL.shape)}, "
+                     f"tokens have {shape}.")
+  rows = packed.micro_batches * packed.unit_rows
+  if packed.micro_batches != micro_batches or packed.tokens_RC.shape[0] != rows:
+    raise ValueError(
+        f"TrainBatch.packed holds {packed.tokens_RC.shape[0]} packed rows for "
+        f"{packed.micro_batches} micro-batches of {packed.unit_rows}; this step takes one "
+        f"mini-batch of {micro_batches} micro-batches: pack with PackSettings(micro_batches="
+        f"{micro_batches}) and slice mini-batches with `take_mini_batch`.")
 
 
 def _loss_fn(params: Any, mb: TrainBatch, key: Array, denominator: Array, spec: StepSpec
              ) -> tuple[Array, tuple[dict[str, Array], Array]]:
   """One micro-batch: (its share of the batch loss, (objective metrics, entropy sum))."""
   obj_key, dropout_key = jax.random.split(key)
-  scores = scoring.score(
-      params, mb.tokens, mb.mask, cfg=spec.model_cfg, prompt_length=mb.prompt_length,
-      temperature=spec.logp_temperature, chunk_size=spec.chunk_size,
-      with_entropy=spec.with_entropy,
-      prompt_mask_NL=mb.prompt_mask if spec.objective.needs_log_z else None,
-      dropout_key=dropout_key if spec.logz_dropout else None)
+  common = dict(cfg=spec.model_cfg, prompt_length=mb.prompt_length,
+                temperature=spec.logp_temperature, chunk_size=spec.chunk_size,
+                with_entropy=spec.with_entropy,
+                prompt_mask_NL=mb.prompt_mask if spec.objective.needs_log_z else None,
+                dropout_key=dropout_key if spec.logz_dropout else None)
+  if mb.packed is None:
+    scores = scoring.score(params, mb.tokens, mb.mask, **common)
+  else:
+    scores = scoring.score_packed(params, mb.packed, **common)
   f32 = lambda x: None if x is None else x.astype(jnp.float32)
   inputs = losses.LossInputs(
       logp=scores.logp, old_logp=f32(mb.old_logp), advantages=f32(mb.advantages),
@@ -461,7 +485,8 @@ def _loss_fn(params: Any, mb: TrainBatch, key: Array, denominator: Array, spec: 
 
 def _split_micro_batches(batch: TrainBatch, m: int) -> TrainBatch:
   """[N, ...] -> [m, N / m, ...]; micro-batch i takes rows i, i + m, ...: every device keeps an
-  equal share of every micro-batch."""
+  equal share of every micro-batch. Packed rows [m * r, C] split the same way (their layout,
+  `packing`), so micro-batch i gets its own r packed rows."""
   def split(x):
     x = x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
     return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
@@ -529,6 +554,15 @@ def train_step(state: TrainState, batch: TrainBatch, *, spec: StepSpec
     metrics["entropy"] = losses.safe_divide(ent_sum, num_tokens)
   metrics = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), metrics)
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def take_mini_batch(batch: TrainBatch, index: Array, mini_batches: int) -> TrainBatch:
+  """Mini-batch `index` (traced) of `mini_batches`: a contiguous block of every leaf's leading
+  axis (rows of the [N, ...] tensors, packed rows of `batch.packed`): whole groups."""
+  def take(x):
+    size = x.shape[0] // mini_batches
+    return jax.lax.dynamic_slice_in_dim(x, index * size, size)
+  return jax.tree.map(take, batch)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
