@@ -18,6 +18,7 @@ import jax
 from lad_jax import advantages as advantages_lib
 from lad_jax import config_utils
 from lad_jax import objectives
+from lad_jax import scoring
 from lad_jax import sharding
 from lad_jax import train as train_lib
 from lad_jax.models.tokenizer import CharTokenizer
@@ -147,3 +148,20 @@ def make_sampler(config, model_cfg, tokenizer, mesh) -> Any:
                  prompt_buckets=tuple(s.prompt_buckets), stop_strings=tuple(s.stop_strings),
                  tokenizer=tokenizer if s.stop_strings else None,
                  rows_per_call=s.rows_per_call)
+
+
+def step_spec(config, model_cfg, objective: objectives.Objective, tx: Any) -> train_lib.StepSpec:
+  """What one policy update computes (`train.StepSpec`), from the config: the loop's and the
+  memory plan's, so both compile the same program."""
+  return train_lib.StepSpec(
+      model_cfg=model_cfg, objective=objective, tx=tx, micro_batches=config.train.micro_batches,
+      logp_temperature=config.sampling.temperature, chunk_size=config.train.chunk_size,
+      norm_length=config.sampling.max_new_tokens)
+
+
+def make_logp_fn(config, model_cfg, mesh) -> Any:
+  """Behaviour scoring (old / ref logp) in the trainer's micro-batch size: one rollout's rows in
+  mini_batches x micro_batches chunks (`scoring.make_logp_fn`)."""
+  t = config.train
+  return scoring.make_logp_fn(model_cfg, mesh=mesh, temperature=config.sampling.temperature,
+                              chunk_size=t.chunk_size, row_chunks=t.mini_batches * t.micro_batches)

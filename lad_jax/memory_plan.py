@@ -269,21 +269,14 @@ def lower_sampler(sampler: Any, params: Any, layout: Layout, config) -> tuple[An
 
 
 def lower_score(config, model_cfg: ModelConfig, mesh: Any, params: Any, layout: Layout) -> Any:
-  """scoring.make_logp_fn's program on the whole rollout batch (N rows x bucket + R)."""
-  logp_fn = scoring.make_logp_fn(model_cfg, mesh=mesh, temperature=config.sampling.temperature,
-                                 chunk_size=config.train.chunk_size)
+  """The loop's behaviour-scoring program (`components.make_logp_fn`: row chunks of the
+  trainer's micro size) on the whole rollout batch, unpacked: N rows x (bucket + R), every
+  response at its longest (packing only ever shortens the rows)."""
+  logp_fn = components.make_logp_fn(config, model_cfg, mesh)
   batch = abstract_batch(layout.rows, layout, mesh, with_ref=False, with_prompt_mask=False)
   with sharding.use_mesh(mesh):
     return jitted_program(logp_fn).lower(params, batch.tokens, batch.mask,
                                          prompt_length=layout.prompt_len)
-
-
-def step_spec(config, model_cfg: ModelConfig, objective: Any, tx: Any) -> train_lib.StepSpec:
-  """The StepSpec `rl.build_components` builds (kept in step with it)."""
-  return train_lib.StepSpec(
-      model_cfg=model_cfg, objective=objective, tx=tx, micro_batches=config.train.micro_batches,
-      logp_temperature=config.sampling.temperature, chunk_size=config.train.chunk_size,
-      norm_length=config.sampling.max_new_tokens)
 
 
 def lower_train_step(spec: train_lib.StepSpec, mesh: Any, state: Any, state_shardings: Any,
@@ -394,7 +387,7 @@ def _programs(config, s: _Step, res: Resident, log: Callable[[str], None]
                      resident_other=beside + res.batch))
   rows = lay.rows // lay.mini_batches
   log(f"compiling train_step ({rows} rows x {lay.length}, {lay.micro_batches} micro-batches)")
-  spec = step_spec(config, s.model_cfg, s.objective, s.tx)
+  spec = components.step_spec(config, s.model_cfg, s.objective, s.tx)
   out.append(measure(
       "train_step", lower_train_step(spec, s.mesh, s.state, s.state_shardings, _batch(s, rows)),
       shape=f"{rows}x{lay.length}/{lay.micro_batches}", rows=rows // lay.micro_batches,

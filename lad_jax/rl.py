@@ -46,7 +46,6 @@ from lad_jax import policy
 from lad_jax import report
 from lad_jax import rollout as rollout_lib
 from lad_jax import run_dir
-from lad_jax import scoring
 from lad_jax import tasks as tasks_lib
 from lad_jax import train as train_lib
 from lad_jax.models import Decoder
@@ -285,20 +284,14 @@ def build_components(config, *, task: Optional[tasks_lib.Task] = None
   state, state_shardings = train_lib.create_train_state(
       Decoder(model_cfg), tx, jax.random.fold_in(run_key, components.STATE_KEY), mesh=mesh,
       params=init_params, with_logz_head=objective.needs_log_z)
-  spec = train_lib.StepSpec(
-      model_cfg=model_cfg, objective=objective, tx=tx, micro_batches=config.train.micro_batches,
-      logp_temperature=config.sampling.temperature, chunk_size=config.train.chunk_size,
-      norm_length=config.sampling.max_new_tokens)
+  spec = components.step_spec(config, model_cfg, objective, tx)
   return Components(
       mesh=mesh, model_cfg=model_cfg, tokenizer=tokenizer, pad_id=pad_id, task=task,
       encode=tasks_lib.make_encoder(tokenizer, task, config),
       sampler=components.make_sampler(config, model_cfg, tokenizer, mesh),
       objective=objective, estimator=estimator,
       train_step=train_lib.jit_train_step(spec, mesh=mesh, state_shardings=state_shardings),
-      logp_fn=scoring.make_logp_fn(model_cfg, mesh=mesh, temperature=config.sampling.temperature,
-                                   chunk_size=config.train.chunk_size,
-                                   row_chunks=config.train.mini_batches
-                                   * config.train.micro_batches),
+      logp_fn=components.make_logp_fn(config, model_cfg, mesh),
       ref_params=ref_params,
       num_params=sum(x.size for x in jax.tree.leaves(state.params["model"])),
       pack=pack_settings(config, mesh)), state
