@@ -197,6 +197,11 @@ def _train_section() -> ConfigDict:
   s.pack = True
   s.pack_length_bucket = 256
   s.pack_capacity = 0
+  # Sampler-trainer mismatch (lad_jax/rollout_correction.py), with recompute_old_logp: its
+  # metrics are always logged; level "token" / "sequence" also reweights every objective's
+  # per-token loss by the IS weight pi_old / pi_sampler, truncated at cap ("truncate") or with
+  # tokens / sequences outside [1/cap, cap] dropped ("mask"). "off": today's loss.
+  s.rollout_correction = ConfigDict(dict(level="off", mode="truncate", cap=2.0))
   # Updates with a non-finite loss or gradient are skipped (parameters unchanged); this many in
   # a row stop the run with an error (0: never stop).
   s.max_nonfinite_updates = 3
@@ -480,6 +485,8 @@ CONFIG_RANGES: dict[str, Range] = {
     "train.pack_length_bucket": COUNT,
     "train.pack_capacity": Range(0, integer=True, why="0: the trimmed prompt + response length"),
     "train.max_nonfinite_updates": NONNEG_INT,
+    "train.rollout_correction.cap": Range(1, lo_open=True, why=(
+        "IS weights are truncated at cap, or kept within [1/cap, cap]")),
     "optim.lr": NONNEG, "optim.warmup_steps": NONNEG_INT, "optim.weight_decay": NONNEG,
     "optim.grad_clip": Range(0, none="no clipping", why="0 also turns clipping off"),
     "optim.b1": MOMENTUM, "optim.b2": MOMENTUM, "optim.eps": POSITIVE,
@@ -618,6 +625,7 @@ def _check_choices(config: ConfigDict) -> None:
   _check_choice("data.template", config.data.template, sorted(prompts.TEMPLATES))
   _check_choice("optim.schedule", config.optim.schedule, SCHEDULES)
   _check_choice("dynamic_sampling.on_shortfall", config.dynamic_sampling.on_shortfall, SHORTFALL)
+  _check_rollout_correction(config)
   if config.model.source == "random" and not config.model.random:
     raise ConfigError("config.model.source='random' needs config.model.random (ModelConfig "
                       "fields, e.g. lad_jax.models.testing.TINY).")
@@ -630,6 +638,18 @@ def _check_choices(config: ConfigDict) -> None:
   if config.train.num_steps == 0 and not (config.eval.before_train and eval_sets(config)):
     raise ConfigError("config.train.num_steps=0 only evaluates the initial model: set "
                       "config.eval.before_train=True and config.data.eval.")
+
+
+def _check_rollout_correction(config: ConfigDict) -> None:
+  """train.rollout_correction: named level / mode; a correction needs recomputed old logp."""
+  from lad_jax import rollout_correction  # pylint: disable=g-import-not-at-top
+  rc = config.train.rollout_correction
+  _check_choice("train.rollout_correction.level", rc.level, rollout_correction.LEVELS)
+  _check_choice("train.rollout_correction.mode", rc.mode, rollout_correction.MODES)
+  if rc.level != "off" and not config.train.recompute_old_logp:
+    raise ConfigError("train.rollout_correction.level="
+                      f"{rc.level!r} corrects the sampler's log-probs towards the trainer's "
+                      "recomputed ones: set train.recompute_old_logp=True, or level='off'.")
 
 
 def _check_batch_layout(config: ConfigDict) -> None:

@@ -45,6 +45,7 @@ from lad_jax import perf
 from lad_jax import policy
 from lad_jax import report
 from lad_jax import rollout as rollout_lib
+from lad_jax import rollout_correction
 from lad_jax import run_dir
 from lad_jax import tasks as tasks_lib
 from lad_jax import train as train_lib
@@ -62,23 +63,58 @@ NonFiniteError = errors.NonFiniteError
 
 
 def score_behaviour(batch: TrainBatch, *, logp_fn: Callable[..., jax.Array], params: Any,
-                    ref_params: Any = None, recompute_old_logp: bool = False
+                    ref_params: Any = None, recompute_old_logp: bool = False,
+                    correction: Optional[Correction] = None
                     ) -> tuple[TrainBatch, dict[str, float]]:
   """BEHAVIOUR: old_logp recomputed under `params` (verl's old_log_prob), ref_logp under
-  `ref_params` (when given). Both stay on device. Returns (batch, seconds per pass)."""
-  timings = {}
+  `ref_params` (when given). Both stay on device. With old_logp recomputed, the sampler's
+  log-probs are compared with it (`rollout/logp_diff_*`) and, with a `correction` whose level
+  is not "off", turned into IS weights (`rollout_correction`). Returns (batch, metrics: seconds
+  per pass and the mismatch)."""
+  metrics = {}
   p = batch.prompt_length
   if recompute_old_logp:
     t0 = time.perf_counter()
-    batch = batch.replace(old_logp=jax.block_until_ready(
-        logp_fn(params, batch.tokens, batch.mask, prompt_length=p, packed=batch.packed)))
-    timings["timing_s/old_log_prob"] = time.perf_counter() - t0
+    old_logp = jax.block_until_ready(
+        logp_fn(params, batch.tokens, batch.mask, prompt_length=p, packed=batch.packed))
+    metrics["timing_s/old_log_prob"] = time.perf_counter() - t0
+    batch, mismatch = _corrected(batch, old_logp, correction or Correction())
+    metrics.update(mismatch)
   if ref_params is not None:
     t0 = time.perf_counter()
     batch = batch.replace(ref_logp=jax.block_until_ready(
         logp_fn(ref_params, batch.tokens, batch.mask, prompt_length=p, packed=batch.packed)))
-    timings["timing_s/ref"] = time.perf_counter() - t0
-  return batch, timings
+    metrics["timing_s/ref"] = time.perf_counter() - t0
+  return batch, metrics
+
+
+class Correction(NamedTuple):
+  """train.rollout_correction (see `rollout_correction`)."""
+
+  level: str = "off"
+  mode: str = "truncate"
+  cap: float = 2.0
+
+
+@functools.partial(jax.jit, static_argnames=("correction",))
+def _correction_on_device(beh_logp_NL, old_logp_NL, loss_mask_NL, correction: Correction):
+  metrics = rollout_correction.mismatch_metrics(beh_logp_NL, old_logp_NL, loss_mask_NL)
+  c = rollout_correction.weights(beh_logp_NL, old_logp_NL, loss_mask_NL, level=correction.level,
+                                 mode=correction.mode, cap=correction.cap)
+  if correction.level != "off":
+    metrics.update(rollout_correction.weight_metrics(c, loss_mask_NL))
+  return c, metrics
+
+
+def _corrected(batch: TrainBatch, old_logp_NL: jax.Array, correction: Correction
+               ) -> tuple[TrainBatch, dict[str, float]]:
+  """The batch with the recomputed old_logp (and IS weights / the rejection mask when the
+  correction is on), and the mismatch metrics (one device -> host copy)."""
+  c, metrics = _correction_on_device(batch.old_logp, old_logp_NL, batch.loss_mask, correction)
+  batch = batch.replace(old_logp=old_logp_NL)
+  if correction.level != "off":
+    batch = batch.replace(is_weights=c.weights, loss_mask=c.mask)
+  return batch, {k: float(v) for k, v in jax.device_get(metrics).items()}
 
 
 @jax.jit
@@ -160,6 +196,7 @@ class LoopSettings:
   mini_batches: int
   epochs: int
   max_nonfinite: int
+  correction: Correction = Correction()
 
   @classmethod
   def from_config(cls, config) -> "LoopSettings":
@@ -170,7 +207,8 @@ class LoopSettings:
                num_groups=t.prompts_per_step, dynamic_sampling=d.enabled,
                max_gen_batches=d.max_gen_batches, on_shortfall=d.on_shortfall,
                recompute_old_logp=t.recompute_old_logp, mini_batches=t.mini_batches,
-               epochs=t.epochs, max_nonfinite=t.max_nonfinite_updates)
+               epochs=t.epochs, max_nonfinite=t.max_nonfinite_updates,
+               correction=Correction(**t.rollout_correction.to_dict()))
 
 
 class Components(NamedTuple):
@@ -214,7 +252,8 @@ def rl_step(state: TrainState, stream: tasks_lib.PromptStream, key: jax.Array, *
                                      with_prompt_mask=c.objective.needs_log_z, pack=c.pack)
   batch, timings = score_behaviour(batch, logp_fn=c.logp_fn, params=params,
                                    ref_params=c.ref_params,
-                                   recompute_old_logp=loop.recompute_old_logp)
+                                   recompute_old_logp=loop.recompute_old_logp,
+                                   correction=loop.correction)
   t0 = time.perf_counter()
   batch, adv_N = with_advantages(batch, got.rollout.rewards, estimator=c.estimator.name,
                                  hparams=c.estimator.hparams,

@@ -362,6 +362,8 @@ class TrainBatch:
     packed: the same tokens packed into rows (`packing.Packed`, built with this step's
       micro_batches): the model runs on those and the scores are gathered back to [N, L]; the
       loss tensors above keep their [N, L] layout. None = the model runs on `tokens`.
+    is_weights: [N, L] f32 importance weights pi_old / pi_sampler that multiply every
+      objective's per-token loss (`rollout_correction`); None = 1.
   """
 
   tokens: Array
@@ -373,6 +375,7 @@ class TrainBatch:
   prompt_mask: Optional[Array] = None
   prompt_length: int = flax.struct.field(pytree_node=False, default=0)
   packed: Optional[packing.Packed] = None
+  is_weights: Optional[Array] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,7 +419,7 @@ def check_batch(batch: TrainBatch, spec: StepSpec, *, has_logz_head: bool,
   shape = tuple(batch.tokens.shape)
   if len(shape) != 2:
     raise ValueError(f"TrainBatch.tokens must be [N, L], got shape {shape}.")
-  for name in ("mask", "loss_mask", "old_logp", "ref_logp", "prompt_mask"):
+  for name in ("mask", "loss_mask", "old_logp", "ref_logp", "prompt_mask", "is_weights"):
     value = getattr(batch, name)
     if value is not None and tuple(value.shape) != shape:
       raise ValueError(f"TrainBatch.{name} has shape {tuple(value.shape)}, tokens have {shape}.")
@@ -476,6 +479,8 @@ def _loss_fn(params: Any, mb: TrainBatch, key: Array, denominator: Array, spec: 
       logp=scores.logp, old_logp=f32(mb.old_logp), advantages=f32(mb.advantages),
       mask=mb.loss_mask, ref_logp=f32(mb.ref_logp), entropy=scores.entropy, log_z=scores.log_z)
   per_token_NL, obj_metrics = spec.objective(inputs, key=obj_key)
+  if mb.is_weights is not None:  # E_old[g] = E_sampler[(pi_old / pi_sampler) g]
+    per_token_NL = per_token_NL * mb.is_weights.astype(per_token_NL.dtype)
   total, _ = losses.aggregate_parts(per_token_NL, mb.loss_mask, spec.objective.agg_mode,
                                     norm_length=spec.norm_length)
   ent_sum = (jnp.zeros((), jnp.float32) if scores.entropy is None

@@ -341,6 +341,36 @@ def _copy(tree):
   return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), tree)
 
 
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_score_behaviour_rollout_correction(tiny_step, mode):
+  """The sampler's logp (the batch's old_logp before BEHAVIOUR) against the recomputed one:
+  IS weights pi_old / pi_sampler, truncated at the cap or rejected outside [1/cap, cap]."""
+  cfg, mesh, state, _, batch = tiny_step
+  logp_fn = scoring.make_logp_fn(cfg, mesh=mesh)
+  params = state.params["model"]
+  rng = np.random.default_rng(0)
+  mask = np.asarray(batch.loss_mask)
+  beh = np.asarray(logp_fn(params, batch.tokens, batch.mask, prompt_length=3))
+  beh = np.where(mask, beh + rng.normal(0.0, 1.0, beh.shape), 0.0).astype(np.float32)
+  batch = batch.replace(old_logp=jax.device_put(beh, batch.old_logp.sharding))
+  out, metrics = rl.score_behaviour(batch, logp_fn=logp_fn, params=params,
+                                    recompute_old_logp=True,
+                                    correction=rl.Correction("token", mode, 2.0))
+  old = np.asarray(out.old_logp)
+  rho = np.exp(np.where(mask, old - beh, 0.0))
+  if mode == "truncate":
+    np.testing.assert_allclose(np.asarray(out.is_weights), np.where(mask, np.minimum(rho, 2.0),
+                                                                    0.0), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out.loss_mask), mask)
+  else:
+    keep = mask & (rho >= 0.5 - 1e-6) & (rho <= 2.0 + 1e-6)
+    np.testing.assert_array_equal(np.asarray(out.loss_mask), keep)
+    np.testing.assert_allclose(np.asarray(out.is_weights), np.where(keep, rho, 0.0), rtol=1e-5)
+  assert metrics["rollout/logp_diff_max"] == pytest.approx(np.abs(old - beh)[mask].max(),
+                                                           rel=1e-5)
+  assert 0.0 <= metrics["rollout_corr/masked_fraction"] < 1.0
+
+
 def test_update_equals_the_mini_batch_steps_done_by_hand(tiny_step):
   """UPDATE with K = 2 mini-batches x 2 epochs = four train steps on rows [0:4], [4:8], ..."""
   _, _, state, step, batch = tiny_step
@@ -374,8 +404,10 @@ def test_score_behaviour_recomputes_old_and_ref_logp_on_device(tiny_step):
   want = np.asarray(logp_fn(params, batch.tokens, batch.mask, prompt_length=3))
   np.testing.assert_array_equal(np.asarray(out.old_logp), want)
   np.testing.assert_array_equal(np.asarray(out.ref_logp), want)
-  assert isinstance(out.old_logp, jax.Array) and set(timings) == {"timing_s/old_log_prob",
-                                                                    "timing_s/ref"}
+  assert isinstance(out.old_logp, jax.Array)
+  assert {"timing_s/old_log_prob", "timing_s/ref", "rollout/logp_diff_abs_mean",
+          "rollout/logp_diff_max", "rollout/probs_pearson"} == set(timings)
+  assert out.is_weights is None and out.loss_mask is batch.loss_mask  # correction off
   same, timings = rl.score_behaviour(batch, logp_fn=logp_fn, params=params)
   assert same is batch and not timings
 

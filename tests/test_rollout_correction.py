@@ -73,3 +73,22 @@ def test_weight_metrics():
   m = rc.weight_metrics(c, MASK)
   assert float(m["rollout_corr/masked_fraction"]) == pytest.approx(1 / 5)
   assert float(m["rollout_corr/weight_mean"]) == pytest.approx((2 + 0.5 + 1 + 1) / 4, rel=1e-6)
+
+
+def test_config_checks():
+  from lad_jax import config_utils
+  c = config_utils.base_config()
+  config_utils.validate(c)  # off by default
+  c.train.rollout_correction.level = "sequence"
+  c.train.recompute_old_logp = False
+  with pytest.raises(config_utils.ConfigError, match="recompute_old_logp=True"):
+    config_utils.validate(c)
+  c.train.recompute_old_logp = True
+  config_utils.validate(c)
+  c.train.rollout_correction.cap = 0.5
+  with pytest.raises(config_utils.ConfigError, match="cap"):
+    config_utils.validate(c)
+  c.train.rollout_correction.cap = 2.0
+  c.train.rollout_correction.mode = "clip"
+  with pytest.raises(config_utils.ConfigError, match="mode"):
+    config_utils.validate(c)

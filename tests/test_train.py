@@ -369,3 +369,47 @@ def test_clip_by_global_norm_equals_optax(scale):
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=0), ours, want)
   norm = float(optax.global_norm(ours))
   assert np.isfinite(norm) and norm <= 1.0 + 1e-6
+
+
+# ------------------------------------------------------------------------------------------------
+# Rollout correction: IS weights on the per-token loss (lad_jax/rollout_correction.py)
+# ------------------------------------------------------------------------------------------------
+
+
+def _grads_and_loss(cfg, tx, params, batch, name="lad"):
+  spec = train.StepSpec(model_cfg=cfg, objective=objectives.get(name), tx=tx)
+  grads, loss, _, _ = train.accumulate_gradients(params, batch, jax.random.key(1), spec=spec)
+  return _host(grads), float(loss)
+
+
+@pytest.mark.parametrize("name", ["lad", "grpo"])
+def test_is_weights_off_equals_no_weights_and_scale_the_loss(fp32_setup, name):
+  cfg, _, tx, state, _ = fp32_setup
+  b = _batch(cfg)
+  tb = _tb(b, prompt_length=P)
+  g0, l0 = _grads_and_loss(cfg, tx, state.params, tb, name)
+  ones = jnp.asarray(b["loss_mask"], jnp.float32)
+  g1, l1 = _grads_and_loss(cfg, tx, state.params, tb.replace(is_weights=ones), name)
+  assert l1 == l0 and _max_diff(g1, g0) == 0.0  # weight 1 is today's loss, bit for bit
+  g2, l2 = _grads_and_loss(cfg, tx, state.params, tb.replace(is_weights=2.0 * ones), name)
+  np.testing.assert_allclose(l2, 2.0 * l0, rtol=1e-6)  # token-mean: every term doubled
+  assert _max_diff(g2, jax.tree.map(lambda g: 2.0 * g, g0)) < 1e-6
+
+
+def test_rejected_tokens_get_no_gradient(fp32_setup):
+  """Mask mode: tokens out of the loss mask (weight 0) do not move the loss or the gradient,
+  whatever their old log-probs are; kept tokens do."""
+  cfg, _, tx, state, _ = fp32_setup
+  b = _batch(cfg, seed=3)
+  rng = np.random.default_rng(0)
+  rejected = b["loss_mask"] & (rng.random(b["loss_mask"].shape) < 0.3)
+  kept = b["loss_mask"] & ~rejected
+  w = np.where(kept, rng.uniform(0.5, 2.0, kept.shape), 0.0).astype(np.float32)
+  tb = _tb(b, prompt_length=P).replace(loss_mask=kept, is_weights=w)
+  wild = tb.replace(old_logp=np.where(rejected, 5.0, b["old_logp"]).astype(np.float32))
+  g, loss = _grads_and_loss(cfg, tx, state.params, tb)
+  g_wild, loss_wild = _grads_and_loss(cfg, tx, state.params, wild)
+  assert loss == loss_wild and _max_diff(g, g_wild) == 0.0
+  moved = tb.replace(old_logp=np.where(kept, b["old_logp"] + 0.5, b["old_logp"]).astype(
+      np.float32))
+  assert _max_diff(g, _grads_and_loss(cfg, tx, state.params, moved)[0]) > 1e-6
