@@ -28,10 +28,13 @@ ConfigError = config_utils.ConfigError
 STATE_KEY, ROLLOUT_KEY, EVAL_KEY, MODEL_KEY = 1, 2, 3, 4
 
 
-def _model_overrides(config) -> dict[str, Any]:
-  return dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-              remat_policy=config.model.remat_policy,
-              attention_impl=config.model.attention_impl)
+def model_overrides(config) -> dict[str, Any]:
+  """The ModelConfig fields config.model sets over a checkpoint's own (dtypes, remat,
+  attention): the loop's and `policy.model_config`'s."""
+  m = config.model
+  return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
+              attention_impl=m.attention_impl, attention_max_segments=m.attention_max_segments,
+              decode_block_size=m.decode_block_size)
 
 
 def load_model(config, mesh) -> tuple[Any, Any]:
@@ -40,11 +43,11 @@ def load_model(config, mesh) -> tuple[Any, Any]:
   src = config.model.source
   if src == "gguf":
     path = config.model.path or models.find_smollm2_gguf()
-    return models.load_gguf(os.path.expanduser(path), mesh=mesh, **_model_overrides(config))
+    return models.load_gguf(os.path.expanduser(path), mesh=mesh, **model_overrides(config))
   if src == "hf":
     return models.load_hf(os.path.expanduser(config.model.path), mesh=mesh,
-                          **_model_overrides(config))
-  cfg = models.ModelConfig(**dict(config.model.random), **_model_overrides(config))
+                          **model_overrides(config))
+  cfg = models.ModelConfig(**dict(config.model.random), **model_overrides(config))
   key = jax.random.fold_in(jax.random.key(config.seed), MODEL_KEY)
   return cfg, models.init_params(cfg, key, mesh=mesh)
 

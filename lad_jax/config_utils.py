@@ -85,6 +85,10 @@ def _model_section() -> ConfigDict:
   # No-cache attention (training, prefill): auto | einsum | blockwise | cudnn | splash
   # (lad_jax.models.attention; auto: cuDNN on GPU, splash on TPU, else blockwise).
   s.attention_impl = "auto"
+  # Most packed sequences per row the cuDNN path handles (train.pack never puts more in a row).
+  s.attention_max_segments = 16
+  # Decode reads the KV cache's written slots in blocks of this many (0: the whole bucket).
+  s.decode_block_size = 128
   # ModelConfig fields of a random model (source="random"), e.g. testing.TINY.
   s.random = ConfigDict()
   return s
@@ -496,6 +500,8 @@ CONFIG_RANGES: dict[str, Range] = {
     "eval.max_new_tokens": Range(1, integer=True, none="sampling.max_new_tokens"),
     "checkpoint.every": NONNEG_INT, "checkpoint.max_to_keep": COUNT,
     "log.samples": Range(0, integer=True, extra=(-1,), why="-1: every rollout of a step"),
+    "model.attention_max_segments": COUNT,
+    "model.decode_block_size": Range(0, integer=True, why="0: attend over the whole cache"),
     "runtime.memory_fraction": Range(0, 1, lo_open=True, why=(
         "the share of GPU memory jax's allocator takes (XLA_PYTHON_CLIENT_MEM_FRACTION)")),
 }

@@ -145,7 +145,7 @@ def model_config(config, *, model_shape: Optional[str] = None,
   """The ModelConfig the run would build (components.load_model's overrides applied): from
   config.json at model.path when it exists, else the published shape `model_shape` (default: the
   one named by model.path's directory, `shapes.infer`), else model.random."""
-  overrides = components._model_overrides(config)  # pylint: disable=protected-access
+  overrides = components.model_overrides(config)
   path = os.path.expanduser(config.model.path or "")
   if model_shape is None and config.model.source == "hf" and path and os.path.isfile(
       os.path.join(path, "config.json")):
@@ -259,6 +259,7 @@ def lower_sampler(sampler: Any, params: Any, layout: Layout, config) -> tuple[An
       num_prompts=layout.per_call, group_size=layout.group_size,
       temperature=float(s.temperature), top_p=float(s.top_p), top_k=int(s.top_k))
   tokens = _sd((layout.per_call, layout.prompt_len), jnp.int32)
+  params = with_shardings(params, sampler.param_shardings)  # the decode layout, as `sample`
   with sharding.use_mesh(sampler.mesh):
     lowered_prefill = prefill.lower(params, tokens, _sd(tokens.shape, bool))
     cache, logits = lowered_prefill.out_info

@@ -50,6 +50,9 @@ class PackSettings:
     capacity: tokens per packed row; 0 = the trimmed width P + R'. Raised to P + R' if smaller
       (every sequence must fit one row).
     row_multiple: packed rows per micro-batch are a multiple of this (the batch devices).
+    max_sequences: the most sequences in one packed row; 0 = no limit. The cuDNN attention
+      path handles a static number of segments per row (`ModelConfig.attention_max_segments`),
+      so the run sets this to that number: a row never holds more than the kernel sees.
   """
 
   mini_batches: int = 1
@@ -57,8 +60,12 @@ class PackSettings:
   length_bucket: int = 128
   capacity: int = 0
   row_multiple: int = 1
+  max_sequences: int = 0
 
   def __post_init__(self):
+    if int(self.max_sequences) < 0:
+      raise errors.ConfigError(f"PackSettings.max_sequences must be >= 0 (0 = no limit), got "
+                               f"{self.max_sequences}.")
     for name in ("mini_batches", "micro_batches", "length_bucket", "row_multiple"):
       if int(getattr(self, name)) < 1:
         raise errors.ConfigError(f"PackSettings.{name} must be >= 1, got {getattr(self, name)}.")
@@ -158,21 +165,25 @@ def trimmed_width(response_mask_NR: np.ndarray, length_bucket: int) -> int:
   return min(width, round_up(longest, length_bucket))
 
 
-def first_fit_decreasing(lengths: np.ndarray, capacity: int) -> tuple[np.ndarray, np.ndarray]:
-  """(row, offset) of each item, longest first, each into the first row with room."""
+def first_fit_decreasing(lengths: np.ndarray, capacity: int, max_items: int = 0
+                         ) -> tuple[np.ndarray, np.ndarray]:
+  """(row, offset) of each item, longest first, each into the first row with room (and fewer
+  than `max_items` items, when > 0)."""
   order = np.argsort(-lengths, kind="stable")
   free = np.zeros((0,), np.int64)
+  count = np.zeros((0,), np.int64)
   row = np.zeros(len(lengths), np.int64)
   offset = np.zeros(len(lengths), np.int64)
   for i in order:
-    fits = np.flatnonzero(free >= lengths[i])
+    fits = np.flatnonzero((free >= lengths[i]) & ((count < max_items) if max_items else True))
     if fits.size:
       j = int(fits[0])
     else:
       j = free.size
-      free = np.append(free, capacity)
+      free, count = np.append(free, capacity), np.append(count, 0)
     row[i], offset[i] = j, capacity - free[j]
     free[j] -= lengths[i]
+    count[j] += 1
   return row, offset
 
 
@@ -185,15 +196,16 @@ def _unit_of_rows(n: int, settings: PackSettings) -> np.ndarray:
   return (rows // (n // k)) * m + (rows % (n // k)) % m
 
 
-def _place(lengths_N: np.ndarray, unit_N: np.ndarray, units: int, capacity: int
-           ) -> tuple[np.ndarray, np.ndarray, int]:
+def _place(lengths_N: np.ndarray, unit_N: np.ndarray, units: int, capacity: int,
+           max_items: int = 0) -> tuple[np.ndarray, np.ndarray, int]:
   """(local row, offset) of every sequence packed per unit, and the most rows any unit needs."""
   row_N = np.zeros_like(lengths_N)
   offset_N = np.zeros_like(lengths_N)
   most = 1
   for u in range(units):
     members = np.flatnonzero(unit_N == u)
-    row_N[members], offset_N[members] = first_fit_decreasing(lengths_N[members], capacity)
+    row_N[members], offset_N[members] = first_fit_decreasing(lengths_N[members], capacity,
+                                                             max_items)
     most = max(most, int(row_N[members].max()) + 1 if members.size else 1)
   return row_N, offset_N, most
 
@@ -210,7 +222,7 @@ def plan(prompt_mask_NP: np.ndarray, response_mask_NR: np.ndarray, settings: Pac
   units = settings.mini_batches * settings.micro_batches
   unit_N = _unit_of_rows(n, settings)
   lengths_N = valid_NL.sum(axis=1).astype(np.int64)
-  row_N, offset_N, most = _place(lengths_N, unit_N, units, capacity)
+  row_N, offset_N, most = _place(lengths_N, unit_N, units, capacity, int(settings.max_sequences))
   r = bucket_rows(most, settings.row_multiple)
   m = settings.micro_batches
   # Per token (row-major over valid_NL, so a row's tokens are consecutive): rank in its sequence.

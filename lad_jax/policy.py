@@ -78,9 +78,7 @@ def run_config(workdir: str) -> Any:
 def model_config(config) -> Any:
   """The ModelConfig of config.model without reading any weights (the shapes to restore)."""
   from lad_jax import models  # pylint: disable=g-import-not-at-top
-  overrides = dict(param_dtype=config.model.param_dtype, dtype=config.model.dtype,
-                   remat_policy=config.model.remat_policy,
-                   attention_impl=config.model.attention_impl)
+  overrides = components.model_overrides(config)
   src, path = config.model.source, config.model.path
   if src == "random":
     return models.ModelConfig(**dict(config.model.random), **overrides)

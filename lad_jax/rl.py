@@ -333,17 +333,19 @@ def build_components(config, *, task: Optional[tasks_lib.Task] = None
       logp_fn=components.make_logp_fn(config, model_cfg, mesh),
       ref_params=ref_params,
       num_params=sum(x.size for x in jax.tree.leaves(state.params["model"])),
-      pack=pack_settings(config, mesh)), state
+      pack=pack_settings(config, mesh, model_cfg)), state
 
 
-def pack_settings(config, mesh) -> Optional[packing.PackSettings]:
-  """train.pack's settings (rows per micro-batch a multiple of the batch devices), or None."""
+def pack_settings(config, mesh, model_cfg) -> Optional[packing.PackSettings]:
+  """train.pack's settings (rows per micro-batch a multiple of the batch devices, at most the
+  segments per row the attention handles), or None."""
   t = config.train
   if not t.pack:
     return None
   return packing.PackSettings(mini_batches=t.mini_batches, micro_batches=t.micro_batches,
                               length_bucket=t.pack_length_bucket, capacity=t.pack_capacity,
-                              row_multiple=train_lib.batch_devices(mesh))
+                              row_multiple=train_lib.batch_devices(mesh),
+                              max_sequences=model_cfg.attention_max_segments)
 
 
 def _evaluate(c: Components, state: TrainState, key: jax.Array, config) -> dict[str, float]:

@@ -383,6 +383,11 @@ class Sampler:
     self._param_shardings = None if mesh is None else params_lib.param_shardings(
         self.cfg, mesh, decode_param_rules(self.cfg))
 
+  @property
+  def param_shardings(self) -> Any:
+    """Where the parameters live while decoding (`decode_param_rules`); None without a mesh."""
+    return self._param_shardings
+
   # ---------------------------------------------------------------- sharding helpers
 
   def _named(self, logical_axes: Sequence[Optional[str]], shape: Sequence[int]):

@@ -335,3 +335,17 @@ def test_config_keys_are_validated(key, value, message):
   config.train[key] = value
   with pytest.raises(config_utils.ConfigError, match=message):
     config_utils.validate(config)
+
+
+def test_max_sequences_caps_the_sequences_of_a_row():
+  """No packed row holds more sequences than the attention path handles (cuDNN's segments)."""
+  lengths = np.full(12, 3)
+  row, offset = packing.first_fit_decreasing(lengths, capacity=40, max_items=4)
+  assert np.bincount(row).max() == 4 and np.bincount(row).size == 3
+  for r in range(3):
+    starts = np.sort(offset[row == r])
+    np.testing.assert_array_equal(starts, [0, 3, 6, 9])
+  row, _ = packing.first_fit_decreasing(lengths, capacity=40)
+  assert np.bincount(row).max() == 12  # no limit: one row
+  with pytest.raises(Exception, match="max_sequences"):
+    packing.PackSettings(max_sequences=-1)

@@ -169,7 +169,7 @@ class ModelConfig:
   scan_unroll: int = 1
   attention_impl: str = "auto"
   attention_block_size: int = 128
-  attention_max_segments: int = 2
+  attention_max_segments: int = 16
   decode_block_size: int = 128
   bos_token_id: Optional[int] = None
   eos_token_ids: tuple[int, ...] = ()
