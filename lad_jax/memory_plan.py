@@ -226,20 +226,6 @@ def abstract_batch(rows: int, layout: Layout, mesh: Any, *, with_ref: bool,
       prompt_length=layout.prompt_len)
 
 
-def jitted_program(fn: Callable) -> Any:
-  """The jitted program a builder returned: `fn` itself, or the one jitted function a host-side
-  wrapper (argument checks, `use_mesh`, placement) calls, found in its closure; the wrapper cannot
-  be traced itself (`jax.set_mesh` is refused inside a jit)."""
-  if hasattr(fn, "lower"):
-    return fn
-  inner = [c.cell_contents for c in (getattr(fn, "__closure__", None) or ())
-           if hasattr(c.cell_contents, "lower")]
-  if len(inner) != 1:
-    raise TypeError(f"{getattr(fn, '__qualname__', fn)} wraps {len(inner)} jitted functions; "
-                    "memory_plan needs exactly one (or a `.lower` on the wrapper).")
-  return inner[0]
-
-
 def make_sampler(config, model_cfg: ModelConfig, mesh: Any, platform: str) -> Any:
   """`components.make_sampler` as the run builds it, for the target platform (the cache layout
   and compiler options the sampler picks for a GPU, not for the CPU that compiles here)."""
@@ -275,17 +261,14 @@ def lower_score(config, model_cfg: ModelConfig, mesh: Any, params: Any, layout: 
   response at its longest (packing only ever shortens the rows)."""
   logp_fn = components.make_logp_fn(config, model_cfg, mesh)
   batch = abstract_batch(layout.rows, layout, mesh, with_ref=False, with_prompt_mask=False)
-  with sharding.use_mesh(mesh):
-    return jitted_program(logp_fn).lower(params, batch.tokens, batch.mask,
-                                         prompt_length=layout.prompt_len)
+  return logp_fn.lower(params, batch.tokens, batch.mask, prompt_length=layout.prompt_len)
 
 
 def lower_train_step(spec: train_lib.StepSpec, mesh: Any, state: Any, state_shardings: Any,
                      batch: train_lib.TrainBatch) -> Any:
   """train.jit_train_step on one mini-batch, the state donated."""
   step = train_lib.jit_train_step(spec, mesh=mesh, state_shardings=state_shardings)
-  with sharding.use_mesh(mesh):
-    return jitted_program(step).lower(state, batch)
+  return step.lower(state, batch)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -169,6 +169,14 @@ def make_logp_fn(cfg: ModelConfig, *, mesh: Mesh, temperature: float = 1.0,
       return jitted(params_model, jax.device_put(tokens_NL, sh), jax.device_put(mask_NL, sh),
                     packed, prompt_length=int(prompt_length))
 
+  def lower(params_model: Any, tokens_NL: Any, mask_NL: Any, *, prompt_length: int = 0,
+            packed: Optional[packing.Packed] = None) -> Any:
+    """The program lowered for these (abstract, placed) arguments, as `logp_fn` compiles it."""
+    with sharding.use_mesh(mesh, rules):
+      return jitted.lower(params_model, tokens_NL, mask_NL, packed,
+                          prompt_length=int(prompt_length))
+
+  logp_fn.lower = lower
   return logp_fn
 
 

@@ -620,4 +620,10 @@ def jit_train_step(spec: StepSpec, *, mesh: Mesh, state_shardings: TrainState,
     with sharding.use_mesh(mesh, rules):
       return jitted(state, batch)
 
+  def lower(state: Any, batch: TrainBatch) -> Any:
+    """The step lowered for these (abstract) arguments, as `run` compiles it (memory plans)."""
+    with sharding.use_mesh(mesh, rules):
+      return jitted.lower(state, batch)
+
+  run.lower = lower
   return run
