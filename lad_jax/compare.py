@@ -234,7 +234,7 @@ def eval_set_and_k(summary: dict[str, Any]) -> tuple[Optional[str], Optional[int
   return None, None
 
 
-def _value(summary: dict[str, Any], col: Column) -> Optional[float]:
+def column_value(summary: dict[str, Any], col: Column) -> Optional[float]:
   name, k = eval_set_and_k(summary)
   metric = col.metric.replace("<set>", str(name)).replace("<k>", str(k))
   value = summary.get(col.section, {}).get(metric)
@@ -250,7 +250,7 @@ def table(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   for group, runs in groups.items():
     row: dict[str, Any] = {"runs": len(runs), "steps": [r["steps"] for r in runs]}
     for col in COLUMNS:
-      values = [v for v in (_value(r, col) for r in runs) if v is not None]
+      values = [v for v in (column_value(r, col) for r in runs) if v is not None]
       if values:
         row[col.title] = {"mean": float(np.mean(values)), "std": float(np.std(values)),
                           "n": len(values)}
@@ -284,7 +284,7 @@ def write_report(results: Sequence[dict[str, Any]], workdir: str, *,
     json.dump(rows, f, indent=1)
   if figures and results:
     from lad_jax import plots  # pylint: disable=g-import-not-at-top  (matplotlib only here)
-    plots.compare_figures(results, os.path.join(workdir, "figures"))
+    plots.compare_figures(results, rows, os.path.join(workdir, "figures"))
   return text
 
 
