@@ -9,12 +9,21 @@ several correct answers alive where GRPO collapses onto one?
   python experiments/plot_run.py --workdir=/tmp/lad_runs/multi_answer_number_between
 
 `arg` picks the task of lad_jax/verifiers/multi_answer.py (default number_between: "Name a whole
-number greater than A and less than B.", 5 to 19 right answers per prompt). The untrained model's
-avg@16, pass@16 and distinct correct answers per prompt on each candidate, 32 held-out prompts x 16
-samples at T=1, are in the issue-17 report; number_between was picked.
+number greater than A and less than B.", A in 1..10, B - A in 20..60, so 19 to 59 right answers).
+The untrained model at T=1, 24 new tokens (the extracted answer reduced to its integer):
+
+  task, ranges                              prompts x samples  avg@k  pass@k  distinct correct
+  number_between, A 1..80, B-A 6..20             32 x 16        0.14    0.66      1.7
+  number_between, A 1..10, B-A 20..60 (this)     16 x 8         0.47    1.00      3.2 (H 1.03)
+  number_between, A 1..10, B-A 20..60 (this)     16 x 16        0.52    1.00      6.5 (H 1.72)
+  even_between, A 1..20, B-A 10..30              12 x 8         1 right in the 16 samples read
+  multiple_between                               not measured (even_between was already hopeless)
+
+so number_between with small lower ends was picked: right half the time, with 6.5 different right
+answers among 16 samples of a prompt.
 
 Prompt as configs/smollm2_135m.py: the "procedural" instruction after ONE worked example turn of
-the same task (its answer, 6, is outside most prompts' ranges), and `tag_or_last_number`
+the same task (its answer, 6, is right whenever A < 6: copying it is one right answer of many), and `tag_or_last_number`
 extraction; the verifier reduces the extracted answer to its integer ("12.0" -> "12"), so the
 diversity metrics (val-aux/<set>/distinct_correct_answers, answer_entropy) count final answers.
 

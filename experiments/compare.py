@@ -19,6 +19,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,6 +43,8 @@ _REPORT_ONLY = flags.DEFINE_bool("report_only", False, "Only the table and figur
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax / tfds INFO lines would bury the progress
   compare.main(_CONFIG.value, methods=_METHODS.value, seeds=_SEEDS.value,
                sweep=_SWEEP.value, workdir=os.path.expanduser(_WORKDIR.value),
                report_only=_REPORT_ONLY.value)

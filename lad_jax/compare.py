@@ -99,7 +99,7 @@ def run_specs(methods: Sequence[str], *, seeds: int, sweep: Optional[Sweep] = No
 
 def run_config(base, spec: RunSpec, workdir: str):
   """A copy of `base` for one run: loss.name, seed, the swept key and its own workdir."""
-  c = base.copy_and_resolve_references() if hasattr(base, "copy_and_resolve_references") else base
+  c = base.copy_and_resolve_references()
   c.loss.name = spec.method
   c.seed = int(spec.seed)
   c.workdir = os.path.join(workdir, spec.name)

@@ -95,3 +95,21 @@ def test_plot_run_of_one_workdir(tmp_path):
 def test_smooth_is_a_trailing_mean():
   import numpy as np  # pylint: disable=g-import-not-at-top
   assert plots.smooth(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist() == [1.0, 2.0, 4.0, 6.0]
+
+
+def test_tiny_end_to_end_compare_through_the_rl_loop(tmp_path):
+  """Two objectives x 1 seed of configs/tiny.py through rl.train_and_evaluate: a table row per
+  objective, with the held-out evaluation before and after training; a rerun trains nothing."""
+  base = saved_runs.tiny_config(tmp_path, **{"train.num_steps": 1, "eval.every": 1,
+                                             "eval.before_train": True,
+                                             "checkpoint.every": 0})
+  workdir = str(tmp_path / "cmp")
+  text = compare.main(base, methods=["lad", "grpo"], seeds=1, sweep=None, workdir=workdir,
+                      log=lambda _: None)
+  rows = json.load(open(os.path.join(workdir, "table.json")))
+  assert sorted(rows) == ["grpo", "lad"] and "| lad | 1 |" in text
+  assert all(r["steps"] == [1] and "avg@k before" in r for r in rows.values())
+  logs = []
+  compare.main(base, methods=["lad", "grpo"], seeds=1, sweep=None, workdir=workdir,
+               log=logs.append)
+  assert sum("finished, skipped" in line for line in logs) == 2
