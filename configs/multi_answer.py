@@ -25,7 +25,8 @@ answers among 16 samples of a prompt.
 Prompt as configs/smollm2_135m.py: the "procedural" instruction after ONE worked example turn of
 the same task (its answer, 6, is right whenever A < 6: copying it is one right answer of many),
 and `tag_or_last_number` extraction; the verifier reduces the extracted answer to its integer
-("12.0" -> "12"), so the diversity metrics (val-aux/<set>/distinct_correct_answers, answer_entropy) count final answers.
+("12.0" -> "12"), so the diversity metrics (val-aux/<set>/distinct_correct_answers,
+answer_entropy) count final answers.
 
 Evaluation: the same 16 held-out prompts x 16 samples (common random numbers) before training and
 at the end, so avg@16, the pass@k curve and the diversity of the correct answers are compared on
