@@ -258,6 +258,10 @@ def table(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
   return out
 
 
+def _fmt(x: float) -> str:
+  return f"{x:.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:.1e}"
+
+
 def markdown(rows: dict[str, dict[str, Any]]) -> str:
   """The table as markdown: one row per group, "mean ± std" (std over seeds, 0 for one seed)."""
   titles = [c.title for c in COLUMNS if any(c.title in r for r in rows.values())]
@@ -267,7 +271,7 @@ def markdown(rows: dict[str, dict[str, Any]]) -> str:
     cells = []
     for t in titles:
       cell = row.get(t)
-      cells.append("-" if cell is None else f"{cell['mean']:.3f} ± {cell['std']:.3f}")
+      cells.append("-" if cell is None else f"{_fmt(cell['mean'])} ± {_fmt(cell['std'])}")
     lines.append(f"| {group} | {row['runs']} | " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
 

@@ -77,6 +77,7 @@ def eval_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def _save(fig, out_dir: str, name: str) -> str:
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, name)
+  fig.tight_layout()
   fig.savefig(path, dpi=100, bbox_inches="tight")
   _pyplot().close(fig)
   return path
