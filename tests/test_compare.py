@@ -97,6 +97,7 @@ def test_smooth_is_a_trailing_mean():
   assert plots.smooth(np.array([1.0, 3.0, 5.0, 7.0]), 2).tolist() == [1.0, 2.0, 4.0, 6.0]
 
 
+@pytest.mark.slow  # two tiny RL runs with their compiles
 def test_tiny_end_to_end_compare_through_the_rl_loop(tmp_path):
   """Two objectives x 1 seed of configs/tiny.py through rl.train_and_evaluate: a table row per
   objective, with the held-out evaluation before and after training; a rerun trains nothing."""
