@@ -1,4 +1,5 @@
-"""Held-out evaluation: Avg@k, unbiased Pass@k, distinct-n and distinct correct solutions.
+"""Held-out evaluation: Avg@k, the unbiased Pass@k curve, distinct-n, distinct correct
+answers and their entropy, token entropy.
 
   scores = evaluate.evaluate(sampler, params, task, tokenizer, encode, key, num_prompts=32,
                              settings=SampleSettings(group_size=8, max_new_tokens=1024),
@@ -38,21 +39,46 @@ def first_prompts(records: Sequence[Any], encode: Callable[[Mapping[str, Any]], 
 
 def set_metrics(r: Rollout, *, k: int, pass_k: Sequence[int], name: str) -> dict[str, float]:
   """The metrics of held-out set `name` from a rollout of k samples per prompt, named as verl's
-  validation metrics: val-core/<set>/acc/mean@k (Avg@k) and acc/pass@j (unbiased Pass@j);
-  val-aux/<set>/... for distinct-n, distinct correct responses and the response length."""
+  validation metrics: val-core/<set>/acc/mean@k (Avg@k) and acc/pass@j (unbiased Pass@j) for
+  every j = 1..k (the whole curve) and those in `pass_k`; val-aux/<set>/... for diversity
+  (`diversity_metrics`) and the response length."""
   correct = r.correct.reshape(-1, k)
-  texts = list(r.texts)
-  responses = [r.response_tokens[n, :r.lengths[n]].tolist() for n in range(len(texts))]
   core, aux = f"val-core/{name}/acc", f"val-aux/{name}"
   out = {f"{core}/mean@{k}": metrics_lib.avg_at_k(correct.tolist())}
-  for kk in sorted(set(pass_k) | {k}):
-    out[f"{core}/pass@{kk}"] = metrics_lib.pass_at_k_mean(correct.tolist(), kk)
-  for n in (3, 4):
-    out[f"{aux}/distinct_{n}"] = metrics_lib.distinct_n(responses, n)
-  out[f"{aux}/distinct_correct"] = float(np.mean([
-      metrics_lib.distinct_correct(texts[p * k:(p + 1) * k], correct[p].tolist())
-      for p in range(correct.shape[0])]))
+  curve = metrics_lib.pass_at_k_curve(correct.tolist())
+  for kk in sorted(set(pass_k) | set(curve)):
+    out[f"{core}/pass@{kk}"] = curve.get(kk, metrics_lib.pass_at_k_mean(correct.tolist(), kk))
+  out.update({f"{aux}/{key}": v for key, v in diversity_metrics(r, k=k).items()})
   out[f"{aux}/response_length/mean"] = float(r.lengths.mean())
+  return out
+
+
+def diversity_metrics(r: Rollout, *, k: int) -> dict[str, float]:
+  """Per-prompt diversity of k samples, averaged over prompts.
+
+  distinct_3 / distinct_4: distinct n-grams of all responses (token ids). distinct_correct:
+  distinct correct response texts. distinct_correct_answers: distinct correct FINAL answers
+  (the verifier's extraction). answer_entropy: H(pi+), the entropy (nats) of the empirical
+  distribution of correct final answers, over prompts with a correct sample (0 when none has).
+  token_entropy: -mean log pi(y_t) of the sampled response tokens, a Monte-Carlo estimate of the
+  per-token entropy of the sampling distribution (the logits are not kept).
+  """
+  correct = r.correct.reshape(-1, k)
+  texts, answers = list(r.texts), list(r.answers)
+  responses = [r.response_tokens[n, :r.lengths[n]].tolist() for n in range(len(texts))]
+  groups = [slice(p * k, (p + 1) * k) for p in range(correct.shape[0])]
+  out = {f"distinct_{n}": metrics_lib.distinct_n(responses, n) for n in (3, 4)}
+  out["distinct_correct"] = float(np.mean([
+      metrics_lib.distinct_correct(texts[g], correct[p].tolist()) for p, g in enumerate(groups)]))
+  out["distinct_correct_answers"] = float(np.mean([
+      metrics_lib.distinct_correct_answers(answers[g], correct[p].tolist())
+      for p, g in enumerate(groups)]))
+  entropies = [metrics_lib.correct_answer_entropy(answers[g], correct[p].tolist())
+               for p, g in enumerate(groups)]
+  defined = [h for h in entropies if h is not None]
+  out["answer_entropy"] = float(np.mean(defined)) if defined else 0.0
+  mask = np.asarray(r.response_mask, bool)
+  out["token_entropy"] = float(-np.asarray(r.logp)[mask].sum() / max(mask.sum(), 1))
   return out
 
 

@@ -86,6 +86,39 @@ def distinct_correct(responses: Sequence[str], correct: Sequence[bool]) -> int:
   return len({" ".join(r.split()) for r, ok in zip(responses, correct) if ok})
 
 
+def _correct_answers(answers: Sequence[Optional[str]], correct: Sequence[bool]) -> list[str]:
+  if len(answers) != len(correct):
+    raise ValueError(f"{len(answers)} answers but {len(correct)} verdicts.")
+  return [" ".join(str(a).split()) for a, ok in zip(answers, correct) if ok and a is not None]
+
+
+def distinct_correct_answers(answers: Sequence[Optional[str]], correct: Sequence[bool]) -> int:
+  """Number of distinct correct FINAL answers among a prompt's samples (the verifier's extracted
+  answers, whitespace-normalised): how many of a prompt's right answers the policy still gives."""
+  return len(set(_correct_answers(answers, correct)))
+
+
+def correct_answer_entropy(answers: Sequence[Optional[str]], correct: Sequence[bool]
+                           ) -> Optional[float]:
+  """H(pi+): entropy (nats) of the empirical distribution of a prompt's correct final answers,
+  -sum_a p(a) log p(a) with p(a) = count(a) / #correct; None when no sample is correct.
+
+  0 when every correct sample gives the same answer; log m for m equally frequent answers.
+  """
+  found = _correct_answers(answers, correct)
+  if not found:
+    return None
+  _, counts = np.unique(np.asarray(found, dtype=object).astype(str), return_counts=True)
+  p = counts / counts.sum()
+  return float(-(p * np.log(p)).sum())
+
+
+def pass_at_k_curve(correct: Sequence[Sequence[bool]]) -> dict[int, float]:
+  """Mean unbiased pass@j for every j = 1..n (n samples per problem, the same for all)."""
+  n = min(len(c) for c in correct)
+  return {j: pass_at_k_mean(correct, j) for j in range(1, n + 1)}
+
+
 def entropy_from_logits(logits: jax.Array, *, temperature: float = 1.0) -> jax.Array:
   """Per-position entropy H = logsumexp(z) - sum softmax(z) z of softmax(logits / temperature).
 

@@ -31,11 +31,14 @@ import json
 from typing import Any, Mapping, Optional, Sequence
 
 from lad_jax.verifiers import extraction
+from lad_jax.verifiers import multi_answer
 from lad_jax.verifiers import pool as pool_lib
 from lad_jax.verifiers import result as result_lib
 from lad_jax.verifiers.result import Result
 
-TASKS = ("countdown", "basic_arithmetic", "chain_sum", "gsm_symbolic")
+REASONING_GYM_TASKS = ("countdown", "basic_arithmetic", "chain_sum", "gsm_symbolic")
+# Ours, with many correct answers per prompt (lad_jax/verifiers/multi_answer.py).
+TASKS = REASONING_GYM_TASKS + multi_answer.TASKS
 PROCEDURAL_EXTRACTORS = ("answer_tag", "boxed")
 EXTRACT_MODES = {
     "tag": PROCEDURAL_EXTRACTORS,
@@ -61,6 +64,9 @@ def validate_task(name: str, difficulty: Mapping[str, Any]) -> None:
   """Raises ValueError for an unknown task or difficulty setting, naming the valid ones."""
   if name not in TASKS:
     raise ValueError(f"Unknown procedural task {name!r}; valid ones: {list(TASKS)}.")
+  if name in multi_answer.TASKS:
+    multi_answer.validate_settings(name, difficulty)
+    return
   fields = _config_fields(name)
   unknown = sorted(set(difficulty) - set(fields))
   if unknown:
@@ -77,6 +83,8 @@ def generate(name: str, *, seed: int, size: int, **difficulty: Any) -> list[dict
   validate_task(name, difficulty)
   if size < 1:
     raise ValueError(f"size must be >= 1, got {size}.")
+  if name in multi_answer.TASKS:
+    return multi_answer.generate(name, seed=seed, size=size, **difficulty)
   import reasoning_gym  # pylint: disable=g-import-not-at-top
   try:
     dataset = reasoning_gym.create_dataset(name, seed=seed, size=size, **difficulty)
@@ -109,12 +117,14 @@ def score_entry(item: tuple[str, str]) -> float:
   answer, entry_json = item
   entry = json.loads(entry_json)
   name = entry["metadata"]["source_dataset"]
+  if name in multi_answer.TASKS:
+    return multi_answer.score(answer, entry)
   return float(_score_fn(name)(answer, entry))
 
 
 def warm_up() -> None:
   """Worker initializer: reasoning-gym's import takes seconds; keep it out of the deadlines."""
-  for name in TASKS:
+  for name in REASONING_GYM_TASKS:
     _score_fn(name)
 
 
@@ -179,6 +189,8 @@ class ProceduralVerifier:
         raise ValueError(f"Entry {i} comes from {source!r}, not one of {list(TASKS)}; pass "
                          "entries made by `generate` (or read back from the procedural builder).")
       answer, _ = extraction.extract_answer(response, extractors=self.extractors)
+      if source in multi_answer.TASKS and multi_answer.canonical_answer(answer) is not None:
+        answer = multi_answer.canonical_answer(answer)  # distinct answers count "12" == "12.0"
       answers.append(answer)
       if answer is None:
         results[i] = Result(self._reward(0.0, strict), False, result_lib.NO_ANSWER, None)
