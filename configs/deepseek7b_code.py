@@ -14,6 +14,7 @@ Put DeepCoder's problems as <source_dir>/deepcoder.jsonl, one {"problem", "tests
 
 from __future__ import annotations
 
+from lad_jax import config_presets
 from lad_jax import config_utils
 
 
@@ -37,7 +38,7 @@ def get_config(arg=None):
   c.sampling.max_new_tokens = 8192
   c.sampling.temperature = 1.0
   c.sampling.prompt_buckets = (512, 1024, 2048)
-  c.sampling.rows_per_call = 256  # bounds the KV cache, as in configs/qwen7b.py
+  c = config_presets.seven_b_layout(c)  # tensor 2 x fsdp 4, 128 rows per sampler call
   c.train.prompts_per_step = 64
   c.train.mini_batches = 4
   c.train.micro_batches = 16

@@ -24,7 +24,7 @@ from lad_jax import config_utils
 def get_config(arg=None):
   c = config_utils.base_config()
   c.name = "qwen7b_math_lad"
-  c = config_presets.math_protocol(c)
+  c = config_presets.seven_b_layout(config_presets.math_protocol(c))
   c.model.path = "~/models/Qwen2.5-7B"
   # The paper does not state the number of steps; entropy-mechanism's curves run ~300.
   c.train.num_steps = 300

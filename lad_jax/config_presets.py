@@ -30,7 +30,8 @@ def math_protocol(c: ConfigDict) -> ConfigDict:
   c.sampling.temperature = 1.0
   c.sampling.prompt_buckets = (256, 512, 1024, 2048)
   # 2048 rows at once would need a ~600 GB bf16 KV cache for a 7B model (57 KB per token slot x
-  # (2048 + 8192) slots per row); 256 rows is ~150 GB, ~19 GB per device over 8 devices.
+  # (2048 + 8192) slots per row); 256 rows is ~150 GB, ~19 GB per device over 8 devices. The 7B
+  # configs go down to 128 (`seven_b_layout`).
   c.sampling.rows_per_call = 256
   c.train.prompts_per_step = 256
   c.train.mini_batches = 8  # 8 policy updates per rollout
@@ -60,4 +61,16 @@ def math_protocol(c: ConfigDict) -> ConfigDict:
   c.eval.top_p = 0.7  # DAPO's validation top_p
   c.checkpoint.every = 10
   c.log.progress_bar = True
+  return c
+
+
+def seven_b_layout(c: ConfigDict) -> ConfigDict:
+  """The layout a 7B model needs on 8 x 80 GB (`benchmarks/memory_plan.py`, README results):
+  tensor parallelism 2 x FSDP 4, so that decoding (weights gathered over FSDP only, once per
+  rollout) holds half the weights per device, and 128 rollout rows per sampler call (a KV cache
+  of ~9 GB per device). At 256 rows x tensor 1 the plan's decode peak was 104 GiB per device."""
+  c.mesh.data = 1
+  c.mesh.tensor = 2
+  c.mesh.fsdp = -1
+  c.sampling.rows_per_call = 128
   return c

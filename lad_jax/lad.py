@@ -238,7 +238,8 @@ def practical(
     (per_token [B, T], metrics) with masked means over valid tokens:
       ratio_mean: the r each token's loss uses (at the sequence levels its response's, so
       responses count by length); ppo_kl: -l_t per token (verl's definition, after the clamp, at
-      every level); lad/a_hat_mean: the effective advantage -f'(x); lad/value: the Eq. 8 term
+      every level); log_ratio_abs_mean: |l_t| per token (the policy's movement from pi_old,
+      comparable with the baselines'); lad/a_hat_mean: the effective advantage -f'(x); lad/value: the Eq. 8 term
       e^u f(x).
   """
   del key
@@ -250,6 +251,7 @@ def practical(
   metrics = {
       "ratio_mean": losses.masked_mean(parts["r"], mask_BT),
       "ppo_kl": losses.masked_mean(-parts["token_l"], mask_BT),
+      "log_ratio_abs_mean": losses.masked_mean(jnp.abs(parts["token_l"]), mask_BT),
       "lad/a_hat_mean": losses.masked_mean(parts["a_hat"], mask_BT),
       "lad/value": losses.masked_mean(parts["value"], mask_BT),
   }

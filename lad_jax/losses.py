@@ -231,13 +231,16 @@ def ratio_metrics(l: Array, mask: Array) -> dict[str, Array]:
     mask: [B, T] validity mask.
 
   Returns:
-    {"ppo_kl", "ratio_mean", "ratio_max", "ratio_min"}, fp32 scalars (0 for an empty mask).
+    {"ppo_kl", "log_ratio_abs_mean", "ratio_mean", "ratio_max", "ratio_min"}, fp32 scalars (0
+    for an empty mask). log_ratio_abs_mean = masked mean |l|: how far the policy has moved from
+    pi_old, comparable across objectives (ppo_kl's signed terms cancel).
   """
   l = jax.lax.stop_gradient(l)
   r = jnp.exp(l)
   r_max, r_min = _masked_max_min(r, mask)
   return {
       "ppo_kl": masked_mean(-l, mask),
+      "log_ratio_abs_mean": masked_mean(jnp.abs(l), mask),
       "ratio_mean": masked_mean(r, mask),
       "ratio_max": r_max,
       "ratio_min": r_min,

@@ -188,6 +188,8 @@ def test_ratio_metrics_over_valid_tokens_only():
   np.testing.assert_allclose(got["ratio_min"], 0.25, rtol=1e-6)
   np.testing.assert_allclose(got["ppo_kl"], -(math.log(2) - math.log(4) + math.log(3)) / 4,
                              rtol=1e-6)
+  np.testing.assert_allclose(got["log_ratio_abs_mean"],
+                             (math.log(2) + math.log(4) + math.log(3)) / 4, rtol=1e-6)
   empty = losses.ratio_metrics(l, jnp.zeros_like(MASK))
   assert all(float(v) == 0.0 for v in empty.values())
   grad = jax.grad(lambda x: sum(losses.ratio_metrics(x, MASK).values()))(jnp.zeros((2, 4)))
