@@ -189,3 +189,19 @@ def test_apply_chat_template_with_real_tokenizer():
   ids = prompts.apply_chat_template(hf, "What is 1+1?", tokenize=True)
   assert ids == hf(text, add_special_tokens=False)["input_ids"]
   assert ids.count(words.index("What")) == 1
+
+
+def test_prepare_reads_a_dataset_another_process_finished_first(tmp_path, monkeypatch):
+  """Two runs of a sweep building the same dataset: the loser's final rename fails on the
+  winner's complete directory, and it reads that one instead of failing the run."""
+  from lad_jax.data import builders
+  kwargs = dict(seed=0, size=4, data_dir=str(tmp_path), min_terms=2, max_terms=2,
+                min_digits=1, max_digits=1)
+  winner = builders.build_procedural("chain_sum", **kwargs)
+
+  def lose(self, **unused):
+    raise FileExistsError("Destination ... already exists.")
+
+  monkeypatch.setattr(builders.LadProcedural, "download_and_prepare", lose)
+  loser = builders.build_procedural("chain_sum", **kwargs)
+  assert loser.is_prepared() and loser.data_dir == winner.data_dir

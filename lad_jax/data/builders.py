@@ -172,8 +172,17 @@ class Records:
 
 
 def _prepare(builder: tfds.core.GeneratorBasedBuilder, manual_dir: Optional[str] = None):
+  """Writes the dataset's files unless they exist. Two runs started together (a sweep) may both
+  write the same dataset: tfds moves a finished directory into place in one rename, so the
+  loser's rename fails on an existing, complete directory, which it then reads."""
   config = tfds.download.DownloadConfig(manual_dir=manual_dir)
-  builder.download_and_prepare(download_config=config)
+  try:
+    builder.download_and_prepare(download_config=config)
+  except FileExistsError:
+    builder = type(builder)(config=builder.builder_config, data_dir=builder.data_dir_root,
+                            file_format="array_record")
+    if not builder.is_prepared():
+      raise
   return builder
 
 
