@@ -51,7 +51,9 @@ class RunSpec(NamedTuple):
     """The table row: method, with the swept value when there is one."""
     if self.sweep_key is None:
       return self.method
-    return f"{self.method} {self.sweep_key.rsplit('.', 1)[-1]}={self.sweep_value:g}"
+    value = self.sweep_value
+    shown = f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    return f"{self.method} {self.sweep_key.rsplit('.', 1)[-1]}={shown}"
 
   @property
   def name(self) -> str:
@@ -59,14 +61,16 @@ class RunSpec(NamedTuple):
 
 
 def parse_sweep(text: Optional[str]) -> Optional[Sweep]:
-  """"key:v1,v2,..." -> Sweep (numbers as float); None for an empty flag."""
+  """"key:v1,v2,..." -> Sweep (numbers as float, else names, e.g. the divergence classes of
+  the paper's Fig. 4: loss.hparams.lad.divergence:kl,js,tv,hellinger); None for an empty flag."""
   if not text:
     return None
   key, sep, values = text.partition(":")
+  names = tuple(v.strip() for v in values.split(",") if v.strip())
   try:
-    parsed = tuple(float(v) for v in values.split(",") if v.strip())
+    parsed = tuple(float(v) for v in names)
   except ValueError:
-    parsed = ()
+    parsed = names
   if not sep or not key or not parsed:
     raise ConfigError(f"--sweep={text!r} is not valid; write key:v1,v2,... e.g. "
                       "--sweep=loss.hparams.lad.eta:0.5,1,2,4.")

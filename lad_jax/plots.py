@@ -202,8 +202,9 @@ def _final_avg_and_pass(summary: dict[str, Any]) -> dict[str, float]:
 
 def eta_sensitivity(results: Sequence[dict[str, Any]], out_dir: str) -> Optional[str]:
   """eta.png (Fig. 3): final avg@k and pass@k against the swept value, per method."""
-  swept = [r for r in results if r["spec"].get("sweep_key")]
-  if not swept:
+  swept = [r for r in results if r["spec"].get("sweep_key")
+           and isinstance(r["spec"].get("sweep_value"), (int, float))]
+  if not swept:  # none, or named values (divergence classes: the final_eval bars are Fig. 4)
     return None
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(5, 4))

@@ -77,6 +77,18 @@ def test_sweep_applies_to_its_method_only_and_draws_eta(tmp_path):
   assert plots.eta_sensitivity(results, str(tmp_path / "fig")).endswith("eta.png")
 
 
+def test_named_sweep_gives_divergence_classes(tmp_path):
+  """Fig. 4: a sweep over LAD's divergence is one table row (and bar group) per class."""
+  base = saved_runs.tiny_config(tmp_path)
+  sweep = compare.parse_sweep("loss.hparams.lad.divergence:kl,js,tv")
+  assert sweep.values == ("kl", "js", "tv")
+  specs = compare.run_specs(["lad"], seeds=1, sweep=sweep)
+  assert [s.group for s in specs] == ["lad divergence=kl", "lad divergence=js",
+                                      "lad divergence=tv"]
+  assert compare.run_config(base, specs[2], str(tmp_path)).loss.hparams.lad.divergence == "tv"
+  assert plots.eta_sensitivity([{"spec": specs[0]._asdict()}], str(tmp_path)) is None
+
+
 def test_bad_sweep_is_one_clear_error():
   with pytest.raises(ConfigError, match="key:v1,v2"):
     compare.parse_sweep("loss.hparams.lad.eta=1")
