@@ -134,11 +134,14 @@ def run_ours(args, spec: Mapping[str, Any]) -> dict:
     xla_cpu.retain_freed_memory()
   import jax  # pylint: disable=g-import-not-at-top
 
-  from lad_jax import components, report, rl, tasks  # pylint: disable=g-import-not-at-top
+  from lad_jax import components, models, report, rl, tasks  # pylint: disable=g-import-not-at-top
 
   config = load_config(args.config, steps=args.warmup + args.steps)
   report.set_compile_cache(config.compile_cache_dir)
   c, state = rl.build_components(config)
+  # TRL's side trains these same (dequantized fp32) weights; writing them here spares the parent
+  # a copy in memory while the children run.
+  models.save_hf(state.params["model"], c.model_cfg, spec["model_dir"])
   loop = rl.LoopSettings.from_config(config)
   stream = tasks.PromptStream(c.task.train, c.encode, seed=config.seed,
                               shuffle=config.data.shuffle)
@@ -151,6 +154,7 @@ def run_ours(args, spec: Mapping[str, Any]) -> dict:
       state = out.state
       wall = time.perf_counter() - t0
       m = out.metrics
+      print(f"ours: step {step + 1} {wall:.2f} s", file=sys.stderr, flush=True)
       rows.append(dict(
           step_s=wall, gen_s=m["timing_s/gen"], reward_s=m["timing_s/reward"],
           update_s=m["timing_s/update_actor"], tokens=int(out.rollout.lengths.sum()),
@@ -200,6 +204,8 @@ def _step_clock():
 
     def on_step_end(self, args, state, control, **kwargs):
       self.ends.append(time.perf_counter())
+      print(f"trl: optimizer step {state.global_step} at {self.ends[-1] - self.begin:.2f} s",
+            file=sys.stderr, flush=True)
 
   return StepClock()
 
@@ -287,9 +293,12 @@ def _child(side: str, args, spec: str) -> dict:
          f"--config={args.config}", f"--warmup={args.warmup}", f"--steps={args.steps}"]
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
-  res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+  # stderr passes through: the children's progress lines (and, on failure, their traceback).
+  res = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, env=env, check=False)
   if res.returncode:
-    raise RuntimeError(f"{side} side failed:\n{res.stderr[-6000:]}")
+    why = " (killed: out of memory?)" if res.returncode == -9 else ""
+    raise RuntimeError(f"The {side} side exited with status {res.returncode}{why}; its stderr "
+                       "is above.")
   return json.loads(res.stdout.strip().splitlines()[-1])
 
 
@@ -353,9 +362,6 @@ def main():
   with tempfile.TemporaryDirectory() as d:
     spec = dict(_prompts(args, config, models.load_tokenizer(gguf)), gguf=gguf,
                 model_dir=os.path.join(d, "model"), output_dir=os.path.join(d, "trl"))
-    cfg, params = models.load_gguf(gguf)
-    models.save_hf(params, cfg, spec["model_dir"])
-    del params
     spec_path = os.path.join(d, "spec.json")
     with open(spec_path, "w") as f:
       json.dump(spec, f)
