@@ -164,7 +164,8 @@ def run_ours(args, spec: Mapping[str, Any]) -> dict:
     c.task.close()
   if [i for r in rows for i in r["records"]] != spec["record_index"]:
     raise RuntimeError("Our stream took other prompts than the parent handed TRL.")
-  return dict(steps=rows, backend=f"jax {jax.__version__} ({jax.devices()[0].platform})")
+  return dict(steps=rows, backend=f"jax {jax.__version__} ({jax.devices()[0].platform})",
+              load=os.getloadavg()[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -259,7 +260,8 @@ def run_trl(args, spec: Mapping[str, Any]) -> dict:
     rows.append(dict(step_s=step_s, gen_s=watch.seconds["gen"][i],
                      prepare_s=watch.seconds["prepare"][i],
                      update_s=step_s - watch.seconds["prepare"][i], tokens=tokens[i]))
-  return dict(steps=rows, backend=f"trl {trl.__version__}, torch {torch.__version__}")
+  return dict(steps=rows, backend=f"trl {trl.__version__}, torch {torch.__version__}",
+              load=os.getloadavg()[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,9 +332,10 @@ def _print(args, ours: dict, theirs: dict, spec: dict, config) -> None:
     prep = r.get("prepare_s", r["gen_s"] + r.get("reward_s", 0.0))
     print(f"{name:<38}{r['step_s']:>8.2f}{r['gen_s']:>7.2f}{prep:>8.2f}{r['update_s']:>9.2f}"
           f"{r['tokens']:>8.1f}{r['mean_len']:>9.1f}{r['ms_per_token']:>9.1f}")
-  for name, r in (("ours", a), ("trl", b)):
+  for name, r, res in (("ours", a, ours), ("trl", b, theirs)):
     print(f"{name} seconds per step (warm-up first): "
-          + " ".join(f"{x:.2f}" for x in r["per_step"]))
+          + " ".join(f"{x:.2f}" for x in r["per_step"])
+          + f"; 1-min load average at its end {res['load']:.2f}")
   print("(ours: prep = gen + reward; TRL: prep = generate + decode + reward + old log-probs + "
         "advantages; update = the 2 optimizer steps)")
   print(f"ours_over_trl_per_token={b['ms_per_token'] / a['ms_per_token']:.3f}")
