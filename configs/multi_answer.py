@@ -51,7 +51,10 @@ _PROMPT_TOKENS = {"number_between": 128, "even_between": 144, "multiple_between"
 
 
 def get_config(arg=None):
-  task = arg or "number_between"
+  """arg: a task name, "smoke", or both ("even_between,smoke")."""
+  parts = [a for a in (arg or "").split(",") if a]
+  smoke = "smoke" in parts
+  task = next((a for a in parts if a != "smoke"), "number_between")
   if task not in _EXAMPLES:
     raise config_utils.ConfigError(f"configs/multi_answer.py:{task}: unknown task; choose one "
                                    f"of {sorted(_EXAMPLES)}.")
@@ -92,4 +95,4 @@ def get_config(arg=None):
   c.verifier.workers = 1
   c.checkpoint.every = 0  # a 1.4 GB save per step would cost more than a short run's steps
   c.checkpoint.max_to_keep = 1
-  return c
+  return config_utils.finalize(c, "smoke" if smoke else None)

@@ -43,15 +43,16 @@ def plan():
   return memory_plan.build_plan(_small_qwen7b(), device_memory_gb=80, num_layers=1)
 
 
-def _analytic_bytes(cfg: ModelConfig, devices: int) -> tuple[int, int]:
-  """(elements sharded over `devices`, replicated elements) per device of a Qwen2 decoder under
-  fsdp: every matrix has the hidden dim D (3584, divisible by 8) and is split over it; norms and
-  q/k/v biases are replicated. Counts from the architecture (embedding V x D, untied head D x V,
-  per layer q D x N*H, k and v D x K*H, o N*H x D, gate / up D x F, down F x D)."""
+def _analytic_bytes(cfg: ModelConfig, devices: int, tensor: int = 2) -> tuple[int, int]:
+  """(elements of the matrices, of the vectors) per device of a Qwen2 decoder on configs/qwen7b's
+  mesh (tensor 2 x fsdp 4): every matrix is split over all `devices` (fsdp over D = 3584, tensor
+  over heads / F / V); the norms are replicated, the q/k/v biases split over `tensor` with their
+  heads. Counts from the architecture (embedding V x D, untied head D x V, per layer q D x N*H,
+  k and v D x K*H, o N*H x D, gate / up D x F, down F x D)."""
   d, f, h = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
   n, k, v, layers = cfg.num_heads, cfg.num_kv_heads, cfg.vocab_size, cfg.num_layers
   matrices = 2 * v * d + layers * (2 * d * n * h + 2 * d * k * h + 3 * d * f)
-  small = d + layers * (2 * d + n * h + 2 * k * h)
+  small = d + layers * 2 * d + layers * (n * h + 2 * k * h) // tensor
   return matrices // devices, small
 
 
@@ -74,9 +75,10 @@ def test_resident_state_is_the_analytic_bytes_per_device(plan):
   assert r.grad_accum == r.master
   assert 0 <= r.moments - 2 * r.master < 4096  # mu, nu (+ a few replicated scalars)
   assert r.ref_params == 0  # LAD needs no reference model
-  # The cache (decoder.KVCache): 64 rows x 128 slots x K=4 kv heads x H=128 x (k, v) bf16,
-  # int32 segment ids per slot and next position per row, rows over 8 devices; one int32 index.
-  assert r.kv_cache == (64 * 128 * 4 * 128 * 2 * 2 + 64 * 128 * 4 + 64 * 4) // 8 + 4
+  # The cache (decoder.KVCache): 64 rows x 128 slots x K=4 kv heads x H=128 x (k, v) bf16, rows
+  # over fsdp 4 and heads over tensor 2; int32 segment ids per slot and next position per row,
+  # rows over fsdp 4; one int32 index.
+  assert r.kv_cache == (64 * 128 * 4 * 128 * 2 * 2) // 8 + (64 * 128 * 4 + 64 * 4) // 4 + 4
 
 
 def test_report_table_and_last_line(plan):
