@@ -116,3 +116,13 @@ def test_sampler_equals_whole_bucket_attention(per_layer, temperature):
   np.testing.assert_array_equal(new.response_mask, old.response_mask)
   np.testing.assert_allclose(new.logp, old.logp, atol=1e-5)
   assert np.asarray(old.lengths).max() > 10  # the cache fills several blocks
+
+
+def test_small_caches_are_read_whole():
+  """One or two blocks are read whole (the loop would cost more than it skips); more in blocks;
+  decode_block_size=0 never."""
+  from lad_jax.models import decoder as decoder_lib
+  cfg = testing.tiny_config("qwen2", decode_block_size=128)
+  assert not decoder_lib.reads_in_blocks(cfg, 256)
+  assert decoder_lib.reads_in_blocks(cfg, 257)
+  assert not decoder_lib.reads_in_blocks(cfg.replace(decode_block_size=0), 10_000)
