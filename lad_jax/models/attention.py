@@ -41,8 +41,10 @@ from lad_jax.models.config import ATTENTION_IMPLS, ModelConfig
 Array = jax.Array
 
 IMPLS = ATTENTION_IMPLS
-# Finite, so a row with every key masked gives finite values, never NaN (as in the decoder).
-_MASK_VALUE = -1e30
+# Finite, so a row with every key masked (a padding query) gives finite values, never NaN; far
+# below any score, far from float32's -max so adding a score cannot overflow. Shared by the
+# decoder's cached attention and `decode_attention`.
+MASK_VALUE = -1e30
 _BACKENDS = {"cudnn": "gpu", "splash": "tpu"}
 # "auto" off GPU / TPU: the einsum reference up to this many blocks of tokens.
 _EINSUM_BLOCKS = 2
@@ -97,14 +99,14 @@ def _block(cfg: ModelConfig, t: int) -> int:
   return t if c <= 0 or c >= t else c
 
 
-def _group_queries(q_BTNH: Array, num_kv_heads: int) -> Array:
+def group_queries(q_BTNH: Array, num_kv_heads: int) -> Array:
   """[B, T, N, H] -> [B, K, G, T, H]: head-major, grouped by kv head (plain batched matmuls)."""
   b, t, n, h = q_BTNH.shape
   return q_BTNH.reshape(b, t, num_kv_heads, n // num_kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
-def _ungroup(out_BKGTH: Array) -> Array:
-  """The inverse of `_group_queries`: [B, K, G, T, H] -> [B, T, N, H]."""
+def ungroup(out_BKGTH: Array) -> Array:
+  """The inverse of `group_queries`: [B, K, G, T, H] -> [B, T, N, H]."""
   b, k, g, t, h = out_BKGTH.shape
   return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, k * g, h)
 
@@ -128,17 +130,17 @@ def attend_einsum(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
   (the decoder's former `_attend_causal_blocks`; the mask built per block from seg_BT)."""
   t = q_BTNH.shape[1]
   c = _block(cfg, t)
-  q_BKGTH = _group_queries(q_BTNH, cfg.num_kv_heads)
+  q_BKGTH = group_queries(q_BTNH, cfg.num_kv_heads)
   outs = []
   for start in range(0, t, c):
     end = min(start + c, t)
     mask_BCS = _block_mask(seg_BT[:, start:end], seg_BT[:, :end], start, 0)
-    bias = jnp.where(mask_BCS, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None, None]
+    bias = jnp.where(mask_BCS, 0.0, MASK_VALUE).astype(jnp.float32)[:, None, None]
     scores = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH[:, :, :, start:end], k_BKTH[:, :, :end],
                         preferred_element_type=jnp.float32) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(v_BKTH.dtype)
     outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v_BKTH[:, :, :end]))
-  return _ungroup(jnp.concatenate(outs, axis=3))
+  return ungroup(jnp.concatenate(outs, axis=3))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -151,13 +153,13 @@ def attend_blockwise(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
   t = q_BTNH.shape[1]
   c = _block(cfg, t)
   pad = -t % c
-  q = _group_queries(q_BTNH, cfg.num_kv_heads)
+  q = group_queries(q_BTNH, cfg.num_kv_heads)
   q = jnp.pad(q, ((0, 0),) * 3 + ((0, pad), (0, 0)))
   k = jnp.pad(k_BKTH, ((0, 0), (0, 0), (0, pad), (0, 0)))
   v = jnp.pad(v_BKTH, ((0, 0), (0, 0), (0, pad), (0, 0)))
   seg = jnp.pad(seg_BT, ((0, 0), (0, pad)))  # padded slots are padding (segment 0)
   out_BKGTH = _flash(_q_blocks(q, c), _kv_blocks(k, c), _kv_blocks(v, c), _seg_blocks(seg, c))
-  return _ungroup(_from_q_blocks(out_BKGTH)[:, :, :, :t])
+  return ungroup(_from_q_blocks(out_BKGTH)[:, :, :, :t])
 
 
 def _q_blocks(x_BKGTH: Array, c: int) -> Array:
@@ -208,7 +210,7 @@ def _flash_forward(q, k, v, seg) -> tuple[Array, Array]:
       m, l, acc = carry
       mask = _block_mask(seg_i, seg[j], i * c, j * c)[:, None, None]
       s = jnp.einsum("bkgch,bkdh->bkgcd", q_i, k[j], preferred_element_type=jnp.float32)
-      s = jnp.where(mask, s, _MASK_VALUE)
+      s = jnp.where(mask, s, MASK_VALUE)
       m_new = jnp.maximum(m, jnp.max(s, axis=-1))
       p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
       alpha = jnp.exp(m - m_new)
@@ -217,7 +219,7 @@ def _flash_forward(q, k, v, seg) -> tuple[Array, Array]:
       return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * acc + pv
 
     shape = q_i.shape[:-1]
-    init = (jnp.full(shape, _MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
+    init = (jnp.full(shape, MASK_VALUE, jnp.float32), jnp.zeros(shape, jnp.float32),
             jnp.zeros(q_i.shape, jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, i + 1, key_block, init)
     has_key = l > 0
@@ -320,7 +322,7 @@ def attend_splash(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
   from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
   t, g = q_BTNH.shape[1], cfg.num_groups
   tp = -(-t // 128) * 128
-  q = _group_queries(jnp.pad(q_BTNH, ((0, 0), (0, tp - t), (0, 0), (0, 0))), cfg.num_kv_heads)
+  q = group_queries(jnp.pad(q_BTNH, ((0, 0), (0, tp - t), (0, 0), (0, 0))), cfg.num_kv_heads)
   k, v = (jnp.pad(x, ((0, 0), (0, 0), (0, tp - t), (0, 0))) for x in (k_BKTH, v_BKTH))
   seg = jnp.pad(seg_BT, ((0, 0), (0, tp - t)))
   mask = splash.MultiHeadMask([splash.CausalMask((tp, tp))] * g)
@@ -330,4 +332,4 @@ def attend_splash(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
     return kernel(q_GTH, k_TH, v_TH, segment_ids=splash.SegmentIds(q=seg_T, kv=seg_T))
 
   out = jax.vmap(jax.vmap(one, in_axes=(0, 0, 0, None)))(q, k, v, seg)
-  return _ungroup(out[:, :, :, :t].astype(q_BTNH.dtype))
+  return ungroup(out[:, :, :, :t].astype(q_BTNH.dtype))

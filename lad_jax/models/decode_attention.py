@@ -32,9 +32,11 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from lad_jax.models import attention
+
 Array = jax.Array
 
-_MASK_VALUE = -1e30  # the decoder's: finite, far below any score
+_MASK_VALUE = attention.MASK_VALUE
 
 
 class StackedLayerCache(NamedTuple):

@@ -66,9 +66,6 @@ ACT_BTV = ("activation_batch", "activation_length", "activation_vocab")
 CACHE_BKSH = ("cache_batch", "cache_kv_heads", "cache_sequence", None)
 CACHE_BKHS = ("cache_batch", "cache_kv_heads", None, "cache_sequence")
 
-# Finite, so a row with every key masked (a padding query) gives a uniform softmax, not NaN;
-# far below any score, far from float32's -max so adding a score cannot overflow.
-_MASK_VALUE = -1e30
 
 _REMAT_POLICIES = {
     "full": None,
@@ -293,25 +290,13 @@ class Mlp(nn.Module):
     return Linear(cfg, f, d, ("mlp",), ("embed",), name="down_proj")(h_BTF)
 
 
-def _group_queries(q_BTNH: Array, cfg: ModelConfig) -> Array:
-  """[B, T, N, H] queries -> [B, K, G, T, H], head-major and grouped by their kv head."""
-  b, t, _, h = q_BTNH.shape
-  return q_BTNH.reshape(b, t, cfg.num_kv_heads, cfg.num_groups, h).transpose(0, 2, 3, 1, 4)
-
-
-def _ungroup(out_BKGTH: Array, cfg: ModelConfig) -> Array:
-  """The inverse of `_group_queries`: [B, K, G, T, H] -> [B, T, N, H]."""
-  b, _, _, t, h = out_BKGTH.shape
-  return out_BKGTH.transpose(0, 3, 1, 2, 4).reshape(b, t, cfg.num_heads, h)
-
-
 def _mask_bias(mask_BTS: Array) -> Array:
-  """0 where attended, _MASK_VALUE elsewhere, float32, broadcast over [B, K, G, T, S] scores.
+  """0 where attended, attention.MASK_VALUE elsewhere, float32, broadcast over [B, K, G, T, S] scores.
 
   An additive bias made once per [B, T, S] (not per head) fuses into the softmax far better
   than a select on the broadcast mask (~1.7x faster softmax on XLA:CPU).
   """
-  return jnp.where(mask_BTS, 0.0, _MASK_VALUE).astype(jnp.float32)[:, None, None]
+  return jnp.where(mask_BTS, 0.0, attention.MASK_VALUE).astype(jnp.float32)[:, None, None]
 
 
 def _attend_einsum(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
@@ -323,10 +308,10 @@ def _attend_einsum(q_BTNH: Array, k_BKSH: Array, v_BKSH: Array, mask_BTS: Array,
   (the cache layout).
   """
   scores_BKGTS = jnp.einsum("bkgth,bkhs->bkgts" if keys_hs else "bkgth,bksh->bkgts",
-                            _group_queries(q_BTNH, cfg), k_BKSH,
+                            attention.group_queries(q_BTNH, cfg.num_kv_heads), k_BKSH,
                             preferred_element_type=jnp.float32) + _mask_bias(mask_BTS)
   probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
-  return _ungroup(jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH), cfg)
+  return attention.ungroup(jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH))
 
 
 def _attend_cached_einsum(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS: Array,
@@ -340,15 +325,15 @@ def _attend_cached_einsum(q_BTNH: Array, k_BKHS: Array, v_BKSH: Array, mask_BTS:
   copy the whole cache every decode step, which cost 3x the model's matmuls on CPU.
   """
   s = k_BKHS.shape[3]
-  q_BKGTH = _group_queries(q_BTNH, cfg)
+  q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
   old_BKGTS = jnp.einsum("bkgth,bkhs->bkgts", q_BKGTH, k_BKHS,
                          preferred_element_type=jnp.float32) + _mask_bias(mask_BTS)
   new_BKGTT = jnp.einsum("bkgth,bkuh->bkgtu", q_BKGTH, kn_BKTH,
                          preferred_element_type=jnp.float32) + _mask_bias(mask_BTT)
   probs = jax.nn.softmax(jnp.concatenate([old_BKGTS, new_BKGTT], axis=-1), axis=-1)
   probs = probs.astype(v_BKSH.dtype)
-  return _ungroup(jnp.einsum("bkgts,bksh->bkgth", probs[..., :s], v_BKSH)
-                  + jnp.einsum("bkgtu,bkuh->bkgth", probs[..., s:], vn_BKTH), cfg)
+  return attention.ungroup(jnp.einsum("bkgts,bksh->bkgth", probs[..., :s], v_BKSH)
+                           + jnp.einsum("bkgtu,bkuh->bkgth", probs[..., s:], vn_BKTH))
 
 
 def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
@@ -386,11 +371,11 @@ def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   ck = sharding.constrain(ck, CACHE_BKHS)
   cv = sharding.constrain(cv, CACHE_BKSH)
   if reads_in_blocks(cfg, ck.shape[-1]):
-    q_BKGTH = _group_queries(q_BTNH, cfg)
+    q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
     state = decode_attention.fold_cache_blocks(
         decode_attention.init_state(q_BKGTH), q_BKGTH, ck, cv, mask_BTS,
         index + q_BTNH.shape[1], block_size=cfg.decode_block_size)
-    out_BTNH = _ungroup(decode_attention.finish(state, cfg.dtype), cfg)
+    out_BTNH = attention.ungroup(decode_attention.finish(state, cfg.dtype))
   else:
     out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask_BTS,
                               cfg, keys_hs=True)
@@ -417,13 +402,13 @@ def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   # Rounded to the cache dtype, as when read back from the cache later.
   k_BKTH = k_BKTH.astype(kc.dtype).astype(k_BKTH.dtype)
   v_BKTH = v_BKTH.astype(vc.dtype).astype(v_BKTH.dtype)
-  q_BKGTH = _group_queries(q_BTNH, cfg)
+  q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
   state = decode_attention.fold(
       decode_attention.init_state(q_BKGTH),
       decode_attention.scores(q_BKGTH, k_BKTH.transpose(0, 1, 3, 2), mask_new_BTT), v_BKTH)
   state = decode_attention.fold_cache_blocks(
       state, q_BKGTH, kc, vc, mask_BTS, index, block_size=cfg.decode_block_size, layer=layer)
-  return _ungroup(decode_attention.finish(state, cfg.dtype), cfg), (kc, vc)
+  return attention.ungroup(decode_attention.finish(state, cfg.dtype)), (kc, vc)
 
 
 def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
