@@ -52,8 +52,9 @@ def _seconds(fns, params, num_tokens: int, clock) -> float:
   prefill, decode, tokens, mask = fns
   cache, logits = jax.block_until_ready(prefill(params, tokens, mask))
   t0 = clock()
+  limits = np.full((logits.shape[0],), num_tokens, np.int32)
   jax.block_until_ready(decode(params, cache, logits, jax.random.key(0), np.int32(num_tokens),
-                               np.int32(0)))
+                               np.int32(0), limits))
   return clock() - t0
 
 

@@ -142,15 +142,20 @@ def make_optimizer(config) -> Any:
 
 
 def make_sampler(config, model_cfg, tokenizer, mesh) -> Any:
-  """The rollout sampler (prompt buckets, stop strings, rows per call of config.sampling)."""
+  """The rollout sampler (prompt buckets, stop strings, rows per call of config.sampling):
+  lock step, or continuous batching with `sampling.decode_slots` > 0."""
+  from lad_jax import continuous  # pylint: disable=g-import-not-at-top
   from lad_jax.models import Decoder  # pylint: disable=g-import-not-at-top
   from lad_jax.sampler import Sampler  # pylint: disable=g-import-not-at-top
   s = config.sampling
   eos_ids, pad_id = special_ids(tokenizer, model_cfg)
-  return Sampler(Decoder(model_cfg), eos_ids=eos_ids, pad_id=pad_id, mesh=mesh,
-                 prompt_buckets=tuple(s.prompt_buckets), stop_strings=tuple(s.stop_strings),
-                 tokenizer=tokenizer if s.stop_strings else None,
-                 rows_per_call=s.rows_per_call)
+  kw = dict(eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_buckets=tuple(s.prompt_buckets),
+            stop_strings=tuple(s.stop_strings),
+            tokenizer=tokenizer if s.stop_strings else None)
+  if s.get("decode_slots", 0):
+    return continuous.ContinuousSampler(Decoder(model_cfg), decode_slots=s.decode_slots,
+                                        refill_rows=s.get("refill_rows", 0) or None, **kw)
+  return Sampler(Decoder(model_cfg), rows_per_call=s.rows_per_call, **kw)
 
 
 def step_spec(config, model_cfg, objective: objectives.Objective, tx: Any) -> train_lib.StepSpec:

@@ -151,6 +151,11 @@ def _sampling_section() -> ConfigDict:
   # The most rows (prompts x G) decoded together; None = a whole step's (or eval's) prompts at
   # once. Bounds the KV cache: rows x (prompt bucket + max_new_tokens) slots.
   s.rows_per_call = config_dict.placeholder(int)
+  # Continuous batching (lad_jax/continuous.py): decode this many rows at a time and refill a
+  # row's slot as soon as it ends, instead of lock-step chunks of rows_per_call; 0 = lock step.
+  s.decode_slots = 0
+  # Slots refilled together (one prefill); 0 = decode_slots // 8.
+  s.refill_rows = 0
   return s
 
 
@@ -482,6 +487,8 @@ CONFIG_RANGES: dict[str, Range] = {
     "sampling.max_new_tokens": COUNT, "sampling.temperature": POSITIVE,
     "sampling.top_p": PROBABILITY, "sampling.top_k": NONNEG_INT,
     "sampling.rows_per_call": Range(1, integer=True, none="all rows at once"),
+    "sampling.decode_slots": Range(0, integer=True, why="0: lock-step batching"),
+    "sampling.refill_rows": Range(0, integer=True, why="0: decode_slots // 8"),
     "dynamic_sampling.max_gen_batches": COUNT,
     "train.num_steps": NONNEG_INT, "train.prompts_per_step": COUNT, "train.mini_batches": COUNT,
     "train.epochs": COUNT, "train.micro_batches": COUNT,
@@ -669,6 +676,10 @@ def _check_batch_layout(config: ConfigDict) -> None:
   if config.sampling.rows_per_call is not None and config.sampling.rows_per_call < 1:
     raise ConfigError(f"config.sampling.rows_per_call must be >= 1 or None (all rows at once), "
                       f"got {config.sampling.rows_per_call}.")
+  slots, refill = config.sampling.get("decode_slots", 0), config.sampling.get("refill_rows", 0)
+  if slots and refill > slots:
+    raise ConfigError(f"config.sampling.refill_rows={refill} exceeds decode_slots={slots}; "
+                      "refill at most decode_slots slots at once (0 = decode_slots // 8).")
   rows = config.train.prompts_per_step * config.sampling.group_size
   per_update = config.train.mini_batches
   if config.train.prompts_per_step % per_update:

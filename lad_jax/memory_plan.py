@@ -251,7 +251,8 @@ def lower_sampler(sampler: Any, params: Any, layout: Layout, config) -> tuple[An
     cache, logits = lowered_prefill.out_info
     scalar = _sd((), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
-    lowered_decode = decode.lower(params, cache, logits, key, scalar, scalar)
+    limits = _sd((layout.per_call * layout.group_size,), jnp.int32)
+    lowered_decode = decode.lower(params, cache, logits, key, scalar, scalar, limits)
   return lowered_prefill, lowered_decode
 
 

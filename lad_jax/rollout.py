@@ -11,6 +11,7 @@ later stages (behaviour scoring, advantages, update, metrics) read.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
@@ -93,25 +94,65 @@ def _objects(values) -> np.ndarray:
   return out
 
 
+class _Verifying:
+  """Decodes and verifies finished rows on a background thread while the sampler decodes the
+  rest (a continuous-batching sampler hands rows over as they end; a lock-step one all at the
+  end). One thread calls `task.score`, one batch of rows at a time, so the verifier sees the
+  calls in order, as from the main thread."""
+
+  def __init__(self, task, tokenizer, records: Sequence[Any], group_size: int):
+    self._task, self._tokenizer = task, tokenizer
+    self._records, self._g = records, group_size
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    self._batches: list[tuple[np.ndarray, Any]] = []
+
+  def submit(self, rows) -> None:
+    """Queues a `sampler.FinishedRows` for decoding and verification."""
+    self._batches.append((rows.rows, self._pool.submit(self._score, rows)))
+
+  def _score(self, rows) -> tuple[list[str], list[Any]]:
+    texts = [self._tokenizer.decode(rows.response_tokens[i, :rows.lengths[i]].tolist(),
+                                    skip_special_tokens=True) for i in range(len(rows.rows))]
+    return texts, self._task.score(texts, [self._records[r // self._g] for r in rows.rows])
+
+  def collect(self, num_rows: int) -> tuple[list[str], list[Any]]:
+    """(texts, verdicts) of rows 0 .. num_rows-1, once every row has been scored."""
+    texts, results = [None] * num_rows, [None] * num_rows
+    try:
+      for rows, future in self._batches:
+        batch_texts, batch_results = future.result()
+        for i, r in enumerate(rows):
+          texts[r], results[r] = batch_texts[i], batch_results[i]
+    finally:
+      self._pool.shutdown(wait=True, cancel_futures=True)
+    missing = [r for r in range(num_rows) if results[r] is None]
+    if missing:
+      raise RuntimeError(f"The sampler never handed over rows {missing[:5]} for verification.")
+    return texts, results
+
+
 def sample_and_score(sampler, params, task, tokenizer, records: Sequence[Any],
                      prompt_ids: Sequence[list[int]], key, *, settings: SampleSettings,
                      indices: Optional[Sequence[int]] = None) -> tuple[Rollout, float, float]:
-  """G responses per prompt, decoded and verified: (rollout, seconds sampling, seconds scoring).
+  """G responses per prompt, decoded and verified: (rollout, seconds sampling, seconds from
+  the end of sampling until every verdict is in).
 
+  Rows are verified as the sampler hands them over (`_Verifying`), so with continuous
+  batching most of the verification overlaps generation and the second number is only the
+  part that does not.
   indices: each record's index in its set (default 0, 1, ...), logged as the prompt id.
   """
   g = settings.group_size
+  verifying = _Verifying(task, tokenizer, records, g)
   t0 = time.perf_counter()
   out = sampler.sample(params, prompt_ids, key, group_size=g,
                        max_new_tokens=settings.max_new_tokens, temperature=settings.temperature,
-                       top_p=settings.top_p, top_k=settings.top_k)
+                       top_p=settings.top_p, top_k=settings.top_k, on_rows=verifying.submit)
   host = {name: to_host(getattr(out, name)) for name in
           ("prompt_tokens", "prompt_mask", "response_tokens", "response_mask", "logp",
            "truncated", "lengths")}
   t1 = time.perf_counter()
-  texts = [tokenizer.decode(host["response_tokens"][i, :host["lengths"][i]].tolist(),
-                            skip_special_tokens=True) for i in range(len(host["lengths"]))]
-  results = task.score(texts, [rec for rec in records for _ in range(g)])
+  texts, results = verifying.collect(len(host["lengths"]))
   indices = range(len(records)) if indices is None else indices
   rollout = Rollout(**host, rewards=np.asarray([r.reward for r in results], np.float32),
                     correct=np.asarray([r.correct for r in results], bool),

@@ -71,7 +71,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import functools
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import flax
 import jax
@@ -272,15 +272,23 @@ def _as_typed_key(key: Any) -> Array:
   return jax.random.wrap_key_data(key)
 
 
-def _sample_step(i: Any, logits_NV: Array, key: Array, row_ids_N: Array, done_N: Array,
-                 tokens_NR: Array, logp_NR: Array, mask_NR: Array, *, temperature: float,
-                 top_k: int, top_p: float, pad_id: int, eos_E: np.ndarray
+def is_eos(tokens: Array, eos_E: np.ndarray) -> Array:
+  """Whether each token is one of the EOS ids `eos_E` [E] (all False when there are none)."""
+  if not eos_E.size:
+    return jnp.zeros(tokens.shape, bool)
+  eos = jnp.asarray(eos_E, tokens.dtype).reshape((1,) * tokens.ndim + (-1,))
+  return jnp.any(tokens[..., None] == eos, axis=-1)
+
+
+def _sample_step(i: Any, logits_NV: Array, key: Array, row_ids_N: Array, limit_N: Array,
+                 done_N: Array, tokens_NR: Array, logp_NR: Array, mask_NR: Array, *,
+                 temperature: float, top_k: int, top_p: float, pad_id: int, eos_E: np.ndarray
                  ) -> tuple[Array, Array, Array, Array, Array]:
   """Decode step i's draw: samples token i of every row from logits [N, V] and writes it.
 
   Rows already done get pad_id, logp 0 and mask False; a row whose new token is one of
-  `eos_E` [E] is done from then on. Returns (tokens [N], done [N], tokens [N, R], logp [N, R],
-  mask [N, R]) with column i written.
+  `eos_E` [E], or its (i + 1)-th token with limit_N [N] = i + 1, is done from then on. Returns
+  (tokens [N], done [N], tokens [N, R], logp [N, R], mask [N, R]) with column i written.
   """
   u_N = row_uniforms(jax.random.fold_in(key, i), row_ids_N)
   tok_N, lp_N = sample_logits(logits_NV, u_N, temperature=temperature, top_k=top_k,
@@ -291,9 +299,7 @@ def _sample_step(i: Any, logits_NV: Array, key: Array, row_ids_N: Array, done_N:
   tokens_NR = jax.lax.dynamic_update_slice(tokens_NR, tok_N[:, None], (0, i))
   logp_NR = jax.lax.dynamic_update_slice(logp_NR, lp_N[:, None], (0, i))
   mask_NR = jax.lax.dynamic_update_slice(mask_NR, active_N[:, None], (0, i))
-  if eos_E.size:
-    is_eos_N = jnp.any(tok_N[:, None] == jnp.asarray(eos_E)[None, :], axis=-1)
-    done_N = done_N | (active_N & is_eos_N)
+  done_N = done_N | (active_N & (is_eos(tok_N, eos_E) | (i + 1 >= limit_N)))
   return tok_N, done_N, tokens_NR, logp_NR, mask_NR
 
 
@@ -310,6 +316,35 @@ def _check_sampling_args(group_size: int, max_new_tokens: int, temperature: floa
     raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}.")
   if top_k < 0:
     raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}.")
+
+
+class FinishedRows(NamedTuple):
+  """Rows whose response is final, on the host (for `Sampler.sample`'s on_rows).
+
+  rows: [K] int the rows' indices in the call's output (prompt i's samples are i*G .. i*G+G-1).
+  response_tokens: [K, R] int32, pad_id after the end.
+  lengths: [K] int32 response tokens of each row (EOS / stop included).
+  """
+
+  rows: np.ndarray
+  response_tokens: np.ndarray
+  lengths: np.ndarray
+
+
+def checked_row_limits(row_limits: Optional[Sequence[int]], num_rows: int,
+                       max_new_tokens: int) -> np.ndarray:
+  """[N] int32 per-row token limits (max_new_tokens everywhere when None); raises on a wrong
+  count or a limit outside [1, max_new_tokens]."""
+  if row_limits is None:
+    return np.full((num_rows,), max_new_tokens, np.int32)
+  limits = np.asarray(row_limits, np.int32).reshape(-1)
+  if limits.shape != (num_rows,):
+    raise ValueError(f"row_limits has {limits.size} entries; pass one per row "
+                     f"(prompts x group_size = {num_rows}).")
+  if limits.min() < 1 or limits.max() > max_new_tokens:
+    raise ValueError(f"row_limits must lie in [1, max_new_tokens={max_new_tokens}], got "
+                     f"[{limits.min()}, {limits.max()}].")
+  return limits
 
 
 def _left_pad(prompts: list[list[int]], prompt_len: int, pad_id: int
@@ -446,7 +481,7 @@ class Sampler:
     prefill_fn = jax.jit(prefill, in_shardings=(self._param_shardings, rows_PT, rows_PT),
                          out_shardings=(cache_sh, rows_NV), compiler_options=opts)
     decode_fn = jax.jit(decode, in_shardings=(self._param_shardings, cache_sh, rows_NV, rep, rep,
-                                              rep),
+                                              rep, rows_N),
                         out_shardings=(rows_NR, rows_NR, rows_NR, rows_N, cache_sh),
                         donate_argnums=(1,), compiler_options=opts)
     return prefill_fn, decode_fn
@@ -483,14 +518,15 @@ class Sampler:
 
   def _decode_fn(self, n: int, response_len: int, sample_step: Any):
     """The decode loop to jit: (params, cache, logits [N, V], key, max_new_tokens,
-    row_offset) -> (tokens [N, R], mask [N, R], logp [N, R], truncated [N], cache).
+    row_offset, limit_N) -> (tokens [N, R], mask [N, R], logp [N, R], truncated [N], cache).
 
     A `lax.while_loop` of `sample_step` (a bound `_sample_step`) and `_next_logits` that
-    exits once every row is done or max_new_tokens are drawn.
+    exits once every row is done (EOS or its limit_N [N] tokens) or max_new_tokens are drawn.
     """
     cfg, pad_id = self.cfg, self.pad_id
+    eos_E = np.asarray(self.eos_ids, np.int32)
 
-    def decode(params, cache, logits_NV, key, max_new_tokens, row_offset):
+    def decode(params, cache, logits_NV, key, max_new_tokens, row_offset, limit_N):
       """Tokens 0 .. max_new_tokens-1; step i feeds token i-1, then samples token i."""
       self.num_traces += 1
       row_ids_N = sharding.constrain(row_offset + jnp.arange(n, dtype=jnp.int32),
@@ -500,7 +536,7 @@ class Sampler:
       mask_NR = jnp.zeros((n, response_len), bool)
       done_N = jnp.zeros((n,), bool)
       tok_N, done_N, tokens_NR, logp_NR, mask_NR = sample_step(
-          0, logits_NV, key, row_ids_N, done_N, tokens_NR, logp_NR, mask_NR)
+          0, logits_NV, key, row_ids_N, limit_N, done_N, tokens_NR, logp_NR, mask_NR)
 
       def cond(carry):
         i, _, _, done_N, *_ = carry
@@ -510,15 +546,16 @@ class Sampler:
         i, cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR = carry
         logits_NV, cache = self._next_logits(params, cache, tok_N, done_N)
         tok_N, done_N, tokens_NR, logp_NR, mask_NR = sample_step(
-            i, logits_NV, key, row_ids_N, done_N, tokens_NR, logp_NR, mask_NR)
+            i, logits_NV, key, row_ids_N, limit_N, done_N, tokens_NR, logp_NR, mask_NR)
         return i + 1, cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR
 
       if cache.per_layer:
         params = unstack_layer_params(params, cfg.num_layers)
       carry = (jnp.int32(1), cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR)
       _, cache, _, done_N, tokens_NR, logp_NR, mask_NR = jax.lax.while_loop(cond, body, carry)
+      truncated_N = ~jnp.any(mask_NR & is_eos(tokens_NR, eos_E), axis=1)  # no EOS drawn
       # The cache is returned so its donated input buffers can be reused in place.
-      return tokens_NR, mask_NR, logp_NR, ~done_N, cache
+      return tokens_NR, mask_NR, logp_NR, truncated_N, cache
 
     return decode
 
@@ -526,7 +563,8 @@ class Sampler:
 
   def sample(self, params: Any, prompts: Sequence[Sequence[int]], key: Any, *, group_size: int,
              max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0) -> SampleOutput:
+             top_k: int = 0, row_limits: Optional[Sequence[int]] = None,
+             on_rows: Optional[Callable[[FinishedRows], None]] = None) -> SampleOutput:
     """G samples of each prompt; deterministic for a key.
 
     Args:
@@ -538,12 +576,18 @@ class Sampler:
       temperature: > 0 samples from softmax(logits / temperature); 0 is greedy.
       top_p: nucleus mass in (0, 1]; 1 = off (keep it off for training rollouts).
       top_k: keep the k most likely tokens; 0 = off (keep it off for training rollouts).
+      row_limits: [N] the most tokens of each row, each in [1, max_new_tokens] (a row that
+        reaches its limit without EOS is truncated); None = max_new_tokens for every row.
+      on_rows: called on the host with finished rows (`FinishedRows`, stop strings applied)
+        as they become final, e.g. to verify them while others decode; here once, with every
+        row, at the end (`continuous.ContinuousSampler` calls it as rows finish).
 
     Returns:
       SampleOutput with N = len(prompts) * group_size rows (device arrays).
     """
     prompts = self._checked_prompts(prompts)
     _check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)
+    limits_N = checked_row_limits(row_limits, len(prompts) * group_size, max_new_tokens)
     prompt_len, response_len = self._bucket_lengths(prompts, max_new_tokens)
     if temperature == 0.0:  # greedy ignores truncation: the argmax survives any of it
       top_p, top_k = 1.0, 0
@@ -552,13 +596,15 @@ class Sampler:
     # The last chunk is padded with copies of the first prompt (rows dropped below), so every
     # chunk runs the same compiled functions.
     prompts = prompts + [prompts[0]] * (num_calls * per_call - num_prompts)
+    limits_N = np.pad(limits_N, (0, (num_calls * per_call - num_prompts) * group_size),
+                      constant_values=1)
     fns = self._compiled_fns(prompt_len=prompt_len, response_len=response_len,
                              num_prompts=per_call, group_size=int(group_size),
                              temperature=float(temperature), top_p=float(top_p),
                              top_k=int(top_k))
     tokens_PT, mask_PT = _left_pad(prompts, prompt_len, self.pad_id)
     tokens_NR, mask_NR, logp_NR, truncated_N = self._run_chunks(
-        params, fns, tokens_PT, mask_PT, _as_typed_key(key), max_new_tokens,
+        params, fns, tokens_PT, mask_PT, _as_typed_key(key), max_new_tokens, limits_N,
         per_call=per_call, num_calls=num_calls, num_rows=num_prompts * group_size,
         group_size=group_size)
 
@@ -572,6 +618,10 @@ class Sampler:
     if self.stop_strings:
       out = apply_stop_strings(out, stop_strings=self.stop_strings, tokenizer=self.tokenizer,
                                pad_id=self.pad_id)
+    if on_rows is not None:
+      on_rows(FinishedRows(rows=np.arange(num_prompts * group_size),
+                           response_tokens=np.asarray(out.response_tokens),
+                           lengths=np.asarray(out.lengths)))
     return out
 
   def _checked_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
@@ -619,12 +669,13 @@ class Sampler:
     return self._fns[fn_key]
 
   def _run_chunks(self, params: Any, fns: tuple[Any, Any], tokens_PT: np.ndarray,
-                  mask_PT: np.ndarray, key: Array, max_new_tokens: int, *, per_call: int,
-                  num_calls: int, num_rows: int, group_size: int
+                  mask_PT: np.ndarray, key: Array, max_new_tokens: int, limits_N: np.ndarray,
+                  *, per_call: int, num_calls: int, num_rows: int, group_size: int
                   ) -> tuple[Array, Array, Array, Array]:
     """Prefills and decodes the left-padded prompts [num_calls * per_call, Tp] in num_calls
-    chunks of per_call prompts; returns the first num_rows rows of (tokens [N, R], mask
-    [N, R], logp [N, R], truncated [N]), the chunks' rows concatenated."""
+    chunks of per_call prompts (row limits [num_calls * per_call * G]); returns the first
+    num_rows rows of (tokens [N, R], mask [N, R], logp [N, R], truncated [N]), the chunks'
+    rows concatenated."""
     prefill_fn, decode_fn = fns
     max_new = np.int32(max_new_tokens)
     rows_per_call = per_call * group_size
@@ -636,8 +687,10 @@ class Sampler:
         chunk = slice(c * per_call, (c + 1) * per_call)
         cache, logits_NV = prefill_fn(params, self._put(tokens_PT[chunk], ("batch", None)),
                                       self._put(mask_PT[chunk], ("batch", None)))
+        rows = slice(c * rows_per_call, (c + 1) * rows_per_call)
         outs.append(decode_fn(params, cache, logits_NV, key, max_new,
-                              np.int32(c * rows_per_call))[:4])
+                              np.int32(c * rows_per_call),
+                              self._put(limits_N[rows], ("batch",)))[:4])
         del cache  # donated
     if num_calls == 1:
       return outs[0]
@@ -662,24 +715,30 @@ def _stop_index(ids: list[int], stop_strings: Sequence[str], tokenizer: Any) -> 
   return lo
 
 
-def apply_stop_strings(out: SampleOutput, *, stop_strings: Sequence[str], tokenizer: Any,
-                       pad_id: int) -> SampleOutput:
-  """Cuts each response after the token that completes its first stop string (host side).
+def cut_at_stop_strings(tok_NR: np.ndarray, msk_NR: np.ndarray, lp_NR: np.ndarray,
+                        trunc_N: np.ndarray, *, stop_strings: Sequence[str], tokenizer: Any,
+                        pad_id: int) -> None:
+  """Cuts each host row, in place, after the token that completes its first stop string.
 
   That token stays (like an EOS); later ones become pad_id with mask False and logp 0, and the
-  row is no longer `truncated`. Binary search over decoded prefixes: O(log R) decodes per row.
+  row is no longer truncated. Binary search over decoded prefixes: O(log R) decodes per row.
   """
-  tok = np.array(out.response_tokens)
-  msk = np.array(out.response_mask)
-  lp = np.array(out.logp)
-  trunc = np.array(out.truncated)
-  for r in range(tok.shape[0]):
-    k = _stop_index(tok[r, msk[r]].tolist(), stop_strings, tokenizer)  # mask: a row prefix
+  for r in range(tok_NR.shape[0]):
+    k = _stop_index(tok_NR[r, msk_NR[r]].tolist(), stop_strings, tokenizer)  # mask: a prefix
     if k is not None:
-      msk[r, k:] = False
-      tok[r, k:] = pad_id
-      lp[r, k:] = 0.0
-      trunc[r] = False
+      msk_NR[r, k:] = False
+      tok_NR[r, k:] = pad_id
+      lp_NR[r, k:] = 0.0
+      trunc_N[r] = False
+
+
+def apply_stop_strings(out: SampleOutput, *, stop_strings: Sequence[str], tokenizer: Any,
+                       pad_id: int) -> SampleOutput:
+  """`cut_at_stop_strings` of a `SampleOutput` (host side; the arrays go back where they were)."""
+  tok, msk = np.array(out.response_tokens), np.array(out.response_mask)
+  lp, trunc = np.array(out.logp), np.array(out.truncated)
+  cut_at_stop_strings(tok, msk, lp, trunc, stop_strings=stop_strings, tokenizer=tokenizer,
+                      pad_id=pad_id)
   put = lambda new, old: put_host(new, old.sharding)
   return out.replace(response_tokens=put(tok, out.response_tokens),
                      response_mask=put(msk, out.response_mask), logp=put(lp, out.logp),

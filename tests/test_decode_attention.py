@@ -27,33 +27,49 @@ def _numpy_attention(q, k_BKHS, v_BKSH, mask_BTS):
   return np.einsum("bkgts,bksh->bkgth", p, v_BKSH.astype(np.float64))
 
 
-def _inputs(seed=0):
+def _inputs(seed=0, num_slots=S):
+  """Queries, keys, values and a `SlotMask` of random segments (0 = empty slot) and per-row,
+  per-query limits <= num_slots, with its [B, T, S] numpy equivalent."""
   rng = np.random.default_rng(seed)
   q = rng.normal(size=(B, K, G, T, H)).astype(np.float32)
   k = rng.normal(size=(B, K, H, S)).astype(np.float32)
   v = rng.normal(size=(B, K, S, H)).astype(np.float32)
-  mask = rng.random((B, T, S)) < 0.7
-  mask[:, :, 0] = True  # every query attends somewhere
-  return q, k, v, mask
+  query_seg = rng.integers(1, 3, (B, T)).astype(np.int32)
+  slot_seg = rng.integers(0, 3, (B, S)).astype(np.int32)
+  limit = rng.integers(1, num_slots + 1, (B, T)).astype(np.int32)
+  slot_seg[np.arange(B)[:, None], 0] = query_seg[:, :1]  # every query attends slot 0 ...
+  query_seg[:] = query_seg[:, :1]
+  mask = decode_attention.SlotMask(jnp.asarray(query_seg), jnp.asarray(slot_seg),
+                                   jnp.asarray(limit), jnp.int32(num_slots))
+  want = ((query_seg[:, :, None] == slot_seg[:, None, :]) & (slot_seg[:, None, :] != 0)
+          & (np.arange(S)[None, None] < limit[:, :, None]))
+  return q, k, v, mask, want
 
 
 @pytest.mark.parametrize("block_size", [1, 3, 6, 7, 20, 64])
 @pytest.mark.parametrize("num_slots", [1, 13, 20])
-def test_blocks_equal_one_softmax_over_the_written_slots(block_size, num_slots):
-  """Block sizes that divide S, do not (the clamped last block re-reads slots: counted once),
-  and exceed it; slots at or after num_slots are never attended."""
-  q, k, v, mask = _inputs()
-  written = mask & (np.arange(S) < num_slots)
-  st = decode_attention.fold_cache_blocks(
+def test_prefix_window_equals_one_softmax_over_the_written_slots(block_size, num_slots):
+  """Windows of C, 2C, .. up to S = 20 with C dividing S, not, and exceeding it; each query
+  attends its own segment below its own limit (<= num_slots)."""
+  q, k, v, mask, want = _inputs(num_slots=num_slots)
+  st = decode_attention.fold_cache_prefix(
       decode_attention.init_state(jnp.asarray(q)), jnp.asarray(q), jnp.asarray(k),
-      jnp.asarray(v), jnp.asarray(mask), jnp.int32(num_slots), block_size=block_size)
+      jnp.asarray(v), mask, block_size=block_size)
   got = decode_attention.finish(st, jnp.float32)
-  np.testing.assert_allclose(got, _numpy_attention(q, k, v, written), atol=2e-6)
+  np.testing.assert_allclose(got, _numpy_attention(q, k, v, want), atol=2e-6)
+
+
+def test_slot_mask_blocks_tile_the_full_mask():
+  q, k, v, mask, want = _inputs(3)
+  del q, k, v
+  np.testing.assert_array_equal(mask.full(), want)
+  np.testing.assert_array_equal(
+      np.concatenate([mask.block(jnp.int32(s), 5) for s in range(0, S, 5)], -1), want)
 
 
 def test_stacked_layer_and_new_tokens_fold_into_one_softmax():
   """Layer 1 of a stacked [L, ...] cache read by block, plus new keys folded in first."""
-  q, k, v, mask = _inputs(1)
+  q, k, v, mask, want = _inputs(1, num_slots=11)
   rng = np.random.default_rng(2)
   kn, vn = rng.normal(size=(B, K, H, T)).astype(np.float32), rng.normal(
       size=(B, K, T, H)).astype(np.float32)
@@ -62,11 +78,11 @@ def test_stacked_layer_and_new_tokens_fold_into_one_softmax():
   v_L = jnp.stack([jnp.zeros_like(v), jnp.asarray(v)])
   st = decode_attention.fold(decode_attention.init_state(jnp.asarray(q)),
                              decode_attention.scores(jnp.asarray(q), kn, mask_new), vn)
-  st = decode_attention.fold_cache_blocks(st, jnp.asarray(q), k_L, v_L, jnp.asarray(mask),
-                                          jnp.int32(11), block_size=4, layer=jnp.int32(1))
+  st = decode_attention.fold_cache_prefix(st, jnp.asarray(q), k_L, v_L, mask, block_size=4,
+                                          layer=jnp.int32(1))
   got = decode_attention.finish(st, jnp.float32)
   want = _numpy_attention(q, np.concatenate([k, kn], -1), np.concatenate([v, vn], 2),
-                          np.concatenate([mask & (np.arange(S) < 11), mask_new], -1))
+                          np.concatenate([want, mask_new], -1))
   np.testing.assert_allclose(got, want, atol=2e-6)
 
 
@@ -116,6 +132,12 @@ def test_sampler_equals_whole_bucket_attention(per_layer, temperature):
   np.testing.assert_array_equal(new.response_mask, old.response_mask)
   np.testing.assert_allclose(new.logp, old.logp, atol=1e-5)
   assert np.asarray(old.lengths).max() > 10  # the cache fills several blocks
+
+
+def test_window_sizes_double_up_to_the_bucket():
+  assert decode_attention.window_sizes(20, 3) == (3, 6, 12, 20)
+  assert decode_attention.window_sizes(16, 4) == (4, 8, 16)
+  assert decode_attention.window_sizes(5, 64) == (5,)
 
 
 def test_small_caches_are_read_whole():

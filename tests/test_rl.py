@@ -24,7 +24,7 @@ from lad_jax import train
 from lad_jax.models import Decoder
 from lad_jax.models import testing
 from lad_jax.models.tokenizer import CharTokenizer
-from lad_jax.sampler import SampleOutput
+from lad_jax.sampler import FinishedRows, SampleOutput
 from lad_jax.verifiers import Result
 from saved_runs import tiny_config
 
@@ -267,7 +267,9 @@ class _StubSampler:
     self.keys = []
 
   def sample(self, params, prompt_ids, key, *, group_size, max_new_tokens, temperature, top_p,
-             top_k):
+             top_k, on_rows=None):
+    """Hands the rows to on_rows as a streaming sampler would: later rows first, in two
+    batches (the rollout must put each verdict back on its row)."""
     del params, temperature, top_p, top_k
     self.keys.append(np.asarray(jax.random.key_data(key)))
     n, p_len = len(prompt_ids) * group_size, max(len(ids) for ids in prompt_ids)
@@ -280,6 +282,10 @@ class _StubSampler:
       lengths[row] = 1 + row % 3
       resp[row, :lengths[row]] = [ord(str((row + k) % 10)) for k in range(lengths[row])]
     resp_mask = np.arange(max_new_tokens)[None] < lengths[:, None]
+    if on_rows is not None:
+      half = n // 2
+      for rows in (np.arange(half, n), np.arange(half)):
+        on_rows(FinishedRows(rows=rows, response_tokens=resp[rows], lengths=lengths[rows]))
     return SampleOutput(prompt_tokens=prompts, prompt_mask=prompts > 0, response_tokens=resp,
                         response_mask=resp_mask, logp=np.where(resp_mask, -0.5, 0.0),
                         truncated=np.zeros((n,), bool), lengths=lengths)

@@ -390,8 +390,8 @@ def _decode_weight_gathers(smp, cfg, mesh, train_shardings) -> int:
   tokens = jax.ShapeDtypeStruct((4, 16), jnp.int32)
   with sharding.use_mesh(mesh):
     cache, logits = jax.eval_shape(prefill, params, tokens, jax.ShapeDtypeStruct((4, 16), bool))
-    hlo = decode.lower(params, cache, logits, jax.random.key(0), np.int32(8),
-                       np.int32(0)).compile().as_text()
+    hlo = decode.lower(params, cache, logits, jax.random.key(0), np.int32(8), np.int32(0),
+                       jax.ShapeDtypeStruct((4 * G,), jnp.int32)).compile().as_text()
   weight_shapes = set()
   for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(train_shardings)):
     shard = tuple(s.shard_shape(p.shape))

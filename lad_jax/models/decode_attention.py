@@ -1,25 +1,28 @@
-"""Decode attention over the written part of a KV cache, block by block (online softmax).
+"""Decode attention over the written part of a KV cache (online softmax, prefix windows).
 
-A decode step's queries attend to the cache slots before the write index (the same index for
-every row: "lock step") and to the new tokens. Attending over the whole cache bucket and
-masking the empty slots costs work proportional to the bucket; here the cache is read in
-blocks of C slots up to the index only, so a step costs work proportional to the tokens
-written so far:
+A decode step's queries attend to the cache slots before the write index (one index shared by
+all rows in lock step, or one per row with continuous batching) and to the new tokens.
+Attending over the whole cache bucket and masking the empty slots costs work proportional to
+the bucket; here a step reads only a prefix of the cache: the smallest of the windows C, 2C,
+4C, ..., S (C = `decode_block_size`) that holds every written slot, picked at run time by a
+`lax.switch` over those static sizes. A step costs at most twice the work of the slots written
+so far (and at least one window of C), with one matmul per layer rather than a loop.
+
+The new tokens and the cache window are folded into one online softmax:
 
   m_0 = -1e30, l_0 = 0, o_0 = 0                       (per query: max, sum, output)
-  for each key block b (scores s_b = q . k_b + mask bias, values v_b):
+  for each key set b (scores s_b = q . k_b + mask bias, values v_b):
     m_b = max(m_{b-1}, max s_b);  a = exp(m_{b-1} - m_b)
     l_b = a l_{b-1} + sum exp(s_b - m_b);  o_b = a o_{b-1} + exp(s_b - m_b) . v_b
-  out = o / l                                         (the softmax over all blocks at once)
+  out = o / l                                         (the softmax over all of them at once)
 
 All of it in float32 (the probabilities are cast to the value dtype only as a matmul operand,
 with float32 accumulation), so it equals one softmax over the full bucket up to rounding.
 
 Two layouts are read: a per-layer buffer (k [B, K, H, S], v [B, K, S, H]) and the stacked
-[L, ...] cache with a layer index (`StackedLayerCache`), sliced block by block inside the loop
-so the layer's cache is never copied out of the stack as a whole. Blocks start at multiples of
-C, clamped to S - C so a block never runs past the bucket; slots a clamped block re-reads are
-masked out (counted once).
+[L, ...] cache with a layer index (`StackedLayerCache`), sliced to the window inside the
+layer so the layer's cache is never copied out of the stack as a whole. Masks come from
+segment ids, built only over the window read (`SlotMask`).
 
 Masked keys get a finite bias (-1e30, as the decoder's), so a query whose keys are all masked
 (padding) gets a uniform average over the slots read, never NaN; its output is never used.
@@ -27,6 +30,7 @@ Masked keys get a finite bias (-1e30, as the decoder's), so a query whose keys a
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -94,48 +98,86 @@ def scores(q_BKGTH: Array, k_BKHS: Array, mask_BTS: Array) -> Array:
                     preferred_element_type=jnp.float32) + bias_BTS[:, None, None]
 
 
-def _read_block(k: Array, v: Array, layer: Optional[Array], start: Array, c: int
-                ) -> tuple[Array, Array]:
-  """Slots [start, start + c) of keys [(L,) B, K, H, S] and values [(L,) B, K, S, H] (of
-  `layer` when stacked): (k [B, K, H, c], v [B, K, c, H])."""
+class SlotMask(NamedTuple):
+  """Which cache slots each query attends, from segment ids, never a stored [B, T, S] mask.
+
+  Query t of row b attends slot s iff slot_seg_BS[b, s] == query_seg_BT[b, t] != 0 and
+  s < limit_BT[b, t]. A decode step builds the mask of each block it reads (`block`), so its
+  cost follows the slots read, not the bucket; a whole-cache read builds it once (`full`).
+
+  query_seg_BT: [B, T] int32 segment ids of the queries (0 = padding: attends nothing).
+  slot_seg_BS: [B, S] int32 segment ids of the cache slots (0 = empty or padding).
+  limit_BT: [B, T] int32, one past the last slot a query may attend (written slots, causal).
+  num_slots: [] int32, slots from 0 read block by block (>= every row's limit; later blocks are
+    never read).
+  """
+
+  query_seg_BT: Array
+  slot_seg_BS: Array
+  limit_BT: Array
+  num_slots: Array
+
+  def block(self, start: Array, size: int) -> Array:
+    """[B, T, size] bool over slots [start, start + size)."""
+    b = self.slot_seg_BS.shape[0]
+    seg_BC = jax.lax.dynamic_slice(self.slot_seg_BS, (0, start), (b, size))
+    return self._over(seg_BC, start + jnp.arange(size, dtype=jnp.int32))
+
+  def full(self) -> Array:
+    """[B, T, S] bool over every slot."""
+    s = self.slot_seg_BS.shape[1]
+    return self._over(self.slot_seg_BS, jnp.arange(s, dtype=jnp.int32))
+
+  def _over(self, seg_BC: Array, slot_C: Array) -> Array:
+    same_BTC = (self.query_seg_BT[:, :, None] == seg_BC[:, None, :]) & (seg_BC[:, None, :] != 0)
+    return same_BTC & (slot_C[None, None, :] < self.limit_BT[:, :, None])
+
+
+def window_sizes(num_slots: int, block_size: int) -> tuple[int, ...]:
+  """The prefixes a cached step may read: C, 2C, 4C, ... below S, then S (C = block_size)."""
+  sizes, w = [], max(1, block_size)
+  while w < num_slots:
+    sizes.append(w)
+    w *= 2
+  return tuple(sizes) + (num_slots,)
+
+
+def _read_prefix(k: Array, v: Array, layer: Optional[Array], w: int) -> tuple[Array, Array]:
+  """Slots [0, w) of keys [(L,) B, K, H, S] and values [(L,) B, K, S, H] (of `layer` when
+  stacked): (k [B, K, H, w], v [B, K, w, H])."""
   if layer is None:
-    b, kh, h, _ = k.shape
-    return (jax.lax.dynamic_slice(k, (0, 0, 0, start), (b, kh, h, c)),
-            jax.lax.dynamic_slice(v, (0, 0, start, 0), (b, kh, c, h)))
+    return k[..., :w], v[:, :, :w]
   _, b, kh, h, _ = k.shape
-  kb = jax.lax.dynamic_slice(k, (layer, 0, 0, 0, start), (1, b, kh, h, c))[0]
-  vb = jax.lax.dynamic_slice(v, (layer, 0, 0, start, 0), (1, b, kh, c, h))[0]
+  kb = jax.lax.dynamic_slice(k, (layer, 0, 0, 0, 0), (1, b, kh, h, w))[0]
+  vb = jax.lax.dynamic_slice(v, (layer, 0, 0, 0, 0), (1, b, kh, w, h))[0]
   return kb, vb
 
 
-def fold_cache_blocks(state: SoftmaxState, q_BKGTH: Array, k: Array, v: Array,
-                      mask_BTS: Array, num_slots: Array, *, block_size: int,
+def fold_cache_prefix(state: SoftmaxState, q_BKGTH: Array, k: Array, v: Array,
+                      mask: SlotMask, *, block_size: int,
                       layer: Optional[Array] = None) -> SoftmaxState:
-  """Folds the cache slots [0, num_slots) into the state, `block_size` slots at a time.
+  """Folds the cache slots [0, W) into the state, W the smallest of `window_sizes` that
+  covers mask.num_slots: one matmul over at most twice the written slots (and at least one
+  block), chosen by a `lax.switch` over the static window sizes.
 
   Args:
     state: the online softmax so far.
     q_BKGTH: grouped queries [B, K, G, T, H] in the compute dtype.
     k, v: keys [B, K, H, S] and values [B, K, S, H], or the stacked [L, ...] cache with
       `layer` its layer index.
-    mask_BTS: [B, T, S] which slots each query attends (sliced per block).
-    num_slots: [] int32, slots from 0 that may be attended (later ones are masked, and
-      blocks after the one holding slot num_slots - 1 are never read).
-    block_size: C, slots per block (min(C, S) is used).
+    mask: which slots each query attends; slots at or after mask.num_slots are never read
+      unless they share the window (then its limits mask them).
+    block_size: C, the smallest window.
   """
-  s = mask_BTS.shape[-1]
-  c = min(block_size, s)
-  b, t = mask_BTS.shape[:2]
+  sizes = window_sizes(mask.slot_seg_BS.shape[-1], block_size)
   dtype = q_BKGTH.dtype
 
-  def body(j, st):
-    start = jnp.minimum(j * c, s - c)
-    kb_BKHC, vb_BKCH = _read_block(k, v, layer, start, c)
-    slot_C = start + jnp.arange(c)
-    # A clamped last block re-reads earlier slots; the last block may run past num_slots.
-    read_C = (slot_C >= j * c) & (slot_C < num_slots)
-    mask_BTC = jax.lax.dynamic_slice(mask_BTS, (0, 0, start), (b, t, c)) & read_C[None, None]
-    return fold(st, scores(q_BKGTH, kb_BKHC, mask_BTC), vb_BKCH.astype(dtype))
+  def read(w: int, st: SoftmaxState) -> SoftmaxState:
+    kb_BKHW, vb_BKWH = _read_prefix(k, v, layer, w)
+    return fold(st, scores(q_BKGTH, kb_BKHW, mask.block(jnp.int32(0), w)),
+                vb_BKWH.astype(dtype))
 
-  num_blocks = (num_slots + c - 1) // c
-  return jax.lax.fori_loop(0, num_blocks, body, state)
+  if len(sizes) == 1:
+    return read(sizes[0], state)
+  branch = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < mask.num_slots)
+  return jax.lax.switch(branch, [functools.partial(read, w) for w in sizes], state)

@@ -19,7 +19,9 @@ Positions (for RoPE) default to the number of non-padding tokens before each tok
 (continuing from the cache), which makes left- and right-padded prompts of different lengths
 give the same result as the unpadded ones. Packed rows need explicit `positions_BT`.
 
-KV cache: tokens are written at slots [index, index + T) for all rows together ("lock step");
+KV cache (`kv_cache.KVCache`): tokens are written at slots [index, index + T), one index for all
+rows ("lock step") or one per row (`per_row_index`: continuous batching, rows of different
+lengths in one batch);
 the layers only read the cache (attention over its S slots, empty / padding ones masked out, and
 over the T new tokens, in one softmax) and the new keys / values of every layer are written in
 one in-place update after the layer scan. A per-layer cache (`KVCache.init(per_layer=True)`)
@@ -52,6 +54,7 @@ import jax.numpy as jnp
 from lad_jax import sharding
 from lad_jax.models import attention
 from lad_jax.models import decode_attention
+from lad_jax.models import kv_cache
 from lad_jax.models import rope
 from lad_jax.models.config import ModelConfig
 
@@ -63,8 +66,10 @@ ACT_BTNH = ("activation_batch", "activation_length", "activation_heads", None)
 ACT_BKTH = ("activation_batch", "activation_kv_heads", "activation_length", None)
 ACT_BTF = ("activation_batch", "activation_length", "activation_mlp")
 ACT_BTV = ("activation_batch", "activation_length", "activation_vocab")
-CACHE_BKSH = ("cache_batch", "cache_kv_heads", "cache_sequence", None)
-CACHE_BKHS = ("cache_batch", "cache_kv_heads", None, "cache_sequence")
+CACHE_BKSH = kv_cache.CACHE_BKSH
+CACHE_BKHS = kv_cache.CACHE_BKHS
+KVCache = kv_cache.KVCache
+write_slots = kv_cache.write_slots
 
 
 _REMAT_POLICIES = {
@@ -72,77 +77,6 @@ _REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
-
-
-@flax.struct.dataclass
-class KVCache:
-  """Static-size key/value cache for all layers.
-
-  Attributes:
-    k: [L, B, K, H, S] keys (after RoPE), v: [L, B, K, S, H] values: both plain matmul
-      operands of attention (q @ k and probs @ v) without a transpose; XLA:CPU transposes a
-      [.., S, H] key operand on every decode step, which doubled the score cost. A *per-layer*
-      cache (`init(..., per_layer=True)`) holds tuples of L arrays [B, K, H, S] / [B, K, S, H]
-      instead, and the decoder then runs its layers unrolled (see `Decoder`).
-    segment_ids: [B, S] int32 segment id of each slot; 0 = empty or padding (never attended).
-    index: [] int32 next slot to write (shared by all rows).
-    next_position: [B] int32 RoPE position of the next non-padding token of each row.
-  """
-
-  k: Any
-  v: Any
-  segment_ids: Array
-  index: Array
-  next_position: Array
-
-  @classmethod
-  def init(cls, cfg: ModelConfig, *, batch_size: int, max_length: int,
-           dtype: Any = None, per_layer: bool = False) -> KVCache:
-    """An empty cache; `dtype` defaults to `cfg.dtype`; per_layer: one buffer per layer."""
-    v_shape = (batch_size, cfg.num_kv_heads, max_length, cfg.head_dim)
-    k_shape = v_shape[:2] + (cfg.head_dim, max_length)
-    dtype = cfg.dtype if dtype is None else dtype
-    if per_layer:
-      k = tuple(jnp.zeros(k_shape, dtype) for _ in range(cfg.num_layers))
-      v = tuple(jnp.zeros(v_shape, dtype) for _ in range(cfg.num_layers))
-    else:
-      k = jnp.zeros((cfg.num_layers,) + k_shape, dtype)
-      v = jnp.zeros((cfg.num_layers,) + v_shape, dtype)
-    return cls(k=k, v=v, segment_ids=jnp.zeros((batch_size, max_length), jnp.int32),
-               index=jnp.zeros((), jnp.int32),
-               next_position=jnp.zeros((batch_size,), jnp.int32))
-
-  @property
-  def per_layer(self) -> bool:
-    return isinstance(self.k, (tuple, list))
-
-  @property
-  def max_length(self) -> int:
-    return self.segment_ids.shape[1]
-
-  @property
-  def batch_size(self) -> int:
-    return self.segment_ids.shape[0]
-
-  def repeat(self, n: int) -> KVCache:
-    """Each row repeated n times ([B] -> [B * n], rows of one prompt adjacent): G samples."""
-    axis = 0 if self.per_layer else 1
-    rep = lambda x: jnp.repeat(x, n, axis=axis)
-    return KVCache(
-        k=jax.tree.map(rep, self.k), v=jax.tree.map(rep, self.v),
-        segment_ids=jnp.repeat(self.segment_ids, n, axis=0), index=self.index,
-        next_position=jnp.repeat(self.next_position, n, axis=0))
-
-  @staticmethod
-  def logical_axes(num_layers: Optional[int] = None) -> KVCache:
-    """Logical axis names of every field, for `sharding.logical_shardings`; pass num_layers
-    for a per-layer cache."""
-    if num_layers is None:
-      k, v = ("cache_layers",) + CACHE_BKHS, ("cache_layers",) + CACHE_BKSH
-    else:
-      k, v = (CACHE_BKHS,) * num_layers, (CACHE_BKSH,) * num_layers
-    return KVCache(k=k, v=v, segment_ids=("cache_batch", "cache_sequence"), index=(),
-                   next_position=("cache_batch",))
 
 
 class DecoderOutput(NamedTuple):
@@ -355,40 +289,41 @@ def reads_in_blocks(cfg: ModelConfig, cache_slots: int) -> bool:
 
 
 def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
-                          layer_cache: tuple[Array, Array, Array], mask_BTS: Array,
-                          cfg: ModelConfig) -> tuple[Array, tuple[Array, Array]]:
+                          layer_cache: tuple[Array, Array, Array],
+                          mask: decode_attention.SlotMask, cfg: ModelConfig
+                          ) -> tuple[Array, tuple[Array, Array]]:
   """Per-layer cache: writes the new keys / values [B, K, T, H] at slots [index, index + T) of
-  the layer's own (k [B, K, H, S], v [B, K, S, H], index), then attends over the cache alone
-  (`mask_BTS` covers the new slots). Returns (out [B, T, N, H], the written (k, v)).
+  the layer's own (k [B, K, H, S], v [B, K, S, H], index) (index [] or per row [B]), then
+  attends over the cache alone (`mask` covers the new slots). Returns (out [B, T, N, H], the
+  written (k, v)).
 
   Write first, then read: a write after the read made XLA copy each layer's buffer twice per
   step (see `Decoder._unrolled_layers`).
   """
   ck, cv, index = layer_cache
-  ck = jax.lax.dynamic_update_slice(ck, k_BKTH.transpose(0, 1, 3, 2).astype(ck.dtype),
-                                    (0, 0, 0, index))
-  cv = jax.lax.dynamic_update_slice(cv, v_BKTH.astype(cv.dtype), (0, 0, index, 0))
+  ck = write_slots(ck, k_BKTH.transpose(0, 1, 3, 2), index, batch_axis=0, slot_axis=3)
+  cv = write_slots(cv, v_BKTH, index, batch_axis=0, slot_axis=2)
   ck = sharding.constrain(ck, CACHE_BKHS)
   cv = sharding.constrain(cv, CACHE_BKSH)
   if reads_in_blocks(cfg, ck.shape[-1]):
     q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
-    state = decode_attention.fold_cache_blocks(
-        decode_attention.init_state(q_BKGTH), q_BKGTH, ck, cv, mask_BTS,
-        index + q_BTNH.shape[1], block_size=cfg.decode_block_size)
+    state = decode_attention.fold_cache_prefix(
+        decode_attention.init_state(q_BKGTH), q_BKGTH, ck, cv, mask,
+        block_size=cfg.decode_block_size)
     out_BTNH = attention.ungroup(decode_attention.finish(state, cfg.dtype))
   else:
-    out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask_BTS,
+    out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask.full(),
                               cfg, keys_hs=True)
   return out_BTNH, (ck, cv)
 
 
 def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
                                  layer_cache: decode_attention.StackedLayerCache,
-                                 mask_BTS: Array, mask_new_BTT: Array, cfg: ModelConfig
-                                 ) -> tuple[Array, tuple[Array, Array]]:
+                                 mask: decode_attention.SlotMask, mask_new_BTT: Array,
+                                 cfg: ModelConfig) -> tuple[Array, tuple[Array, Array]]:
   """Stacked cache, read block by block (`decode_attention`): writes the new keys / values
   [B, K, T, H] at slots [index, index + T) of the layer's part of the stacked [L, ...] cache,
-  then attends over its written slots [0, index) (`mask_BTS`) and the T new tokens
+  then attends over its written slots before index (`mask`) and the T new tokens
   (`mask_new_BTT`, from registers) in one online softmax, so the work follows the index, not
   the bucket S. Returns (out [B, T, N, H], the written stacked (k, v)).
 
@@ -396,9 +331,9 @@ def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   the cache (a loop carry of the layer scan) in place instead of copying it.
   """
   kc, vc, layer, index = layer_cache
-  kc = jax.lax.dynamic_update_slice(kc, k_BKTH.transpose(0, 1, 3, 2)[None].astype(kc.dtype),
-                                    (layer, 0, 0, 0, index))
-  vc = jax.lax.dynamic_update_slice(vc, v_BKTH[None].astype(vc.dtype), (layer, 0, 0, index, 0))
+  kc = write_slots(kc, k_BKTH.transpose(0, 1, 3, 2), index, batch_axis=1, slot_axis=4,
+                   layer=layer)
+  vc = write_slots(vc, v_BKTH, index, batch_axis=1, slot_axis=3, layer=layer)
   # Rounded to the cache dtype, as when read back from the cache later.
   k_BKTH = k_BKTH.astype(kc.dtype).astype(k_BKTH.dtype)
   v_BKTH = v_BKTH.astype(vc.dtype).astype(v_BKTH.dtype)
@@ -406,17 +341,17 @@ def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   state = decode_attention.fold(
       decode_attention.init_state(q_BKGTH),
       decode_attention.scores(q_BKGTH, k_BKTH.transpose(0, 1, 3, 2), mask_new_BTT), v_BKTH)
-  state = decode_attention.fold_cache_blocks(
-      state, q_BKGTH, kc, vc, mask_BTS, index, block_size=cfg.decode_block_size, layer=layer)
+  state = decode_attention.fold_cache_prefix(
+      state, q_BKGTH, kc, vc, mask, block_size=cfg.decode_block_size, layer=layer)
   return attention.ungroup(decode_attention.finish(state, cfg.dtype)), (kc, vc)
 
 
 def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
-                            layer_cache: tuple[Array, Array], mask_BTS: Array,
+                            layer_cache: tuple[Array, Array], mask: decode_attention.SlotMask,
                             mask_new_BTT: Array, cfg: ModelConfig
                             ) -> tuple[Array, Array, Array]:
   """Stacked cache: attends over the layer's read-only cache (k [B, K, H, S], v [B, K, S, H],
-  masked by `mask_BTS`) and the T new tokens (`mask_new_BTT`) in one softmax.
+  masked by `mask`) and the T new tokens (`mask_new_BTT`) in one softmax.
 
   Returns (out [B, T, N, H], k [B, K, T, H], v [B, K, T, H]): the new keys / values rounded
   to the cache dtype, which the decoder writes into the cache after the layer scan.
@@ -427,7 +362,8 @@ def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   # the same result.
   k_BKTH = k_BKTH.astype(layer_cache[0].dtype).astype(k_BKTH.dtype)
   v_BKTH = v_BKTH.astype(layer_cache[1].dtype).astype(v_BKTH.dtype)
-  out_BTNH = _attend_cached_einsum(q_BTNH, ck, cv, mask_BTS, k_BKTH, v_BKTH, mask_new_BTT, cfg)
+  out_BTNH = _attend_cached_einsum(q_BTNH, ck, cv, mask.full(), k_BKTH, v_BKTH, mask_new_BTT,
+                                   cfg)
   return out_BTNH, k_BKTH, v_BKTH
 
 
@@ -439,7 +375,7 @@ class Attention(nn.Module):
 
   layer_cache is (k [B, K, H, S], v [B, K, S, H]) to read (the new tokens are attended
   separately, `mask_new_BTT`), or (k, v, index) of a per-layer cache: the new tokens are first
-  written at slots [index, index + T), then attention reads the cache alone (`mask_BTS` covers
+  written at slots [index, index + T), then attention reads the cache alone (`mask` covers
   the new slots) and the written (k, v) are returned instead of the new tokens'.
   """
 
@@ -447,25 +383,26 @@ class Attention(nn.Module):
   return_kv: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD: Array, sin_BTh: Array, cos_BTh: Array, mask_BTS: Array,
+  def __call__(self, x_BTD: Array, sin_BTh: Array, cos_BTh: Array, mask: Any,
                mask_new_BTT: Optional[Array], layer_cache: Optional[tuple[Array, Array]]
                ) -> tuple[Array, Optional[tuple[Array, Array]]]:
-    """With a cache, `mask_BTS` masks its S slots and `mask_new_BTT` the T new tokens; without
-    one, `mask_BTS` is the new tokens' [B, T] segment ids (see `_Masks`)."""
+    """With a cache, `mask` (a `decode_attention.SlotMask`) masks its S slots and
+    `mask_new_BTT` the T new tokens; without one, `mask` is the new tokens' [B, T] segment ids
+    (see `_Masks`)."""
     cfg = self.cfg
     q_BTNH, k_BKTH, v_BKTH = self._qkv(x_BTD, sin_BTh, cos_BTh)
     if isinstance(layer_cache, decode_attention.StackedLayerCache):  # write, then read
       out_BTNH, new_kv = _attend_stacked_cache_blocks(q_BTNH, k_BKTH, v_BKTH, layer_cache,
-                                                      mask_BTS, mask_new_BTT, cfg)
+                                                      mask, mask_new_BTT, cfg)
     elif layer_cache is not None and len(layer_cache) == 3:  # per-layer: write, then read
-      out_BTNH, new_kv = _attend_written_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache, mask_BTS,
+      out_BTNH, new_kv = _attend_written_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache, mask,
                                                cfg)
     else:
       if layer_cache is None:
-        out_BTNH = _attend_no_cache(q_BTNH, k_BKTH, v_BKTH, mask_BTS, cfg)
+        out_BTNH = _attend_no_cache(q_BTNH, k_BKTH, v_BKTH, mask, cfg)
       else:
         out_BTNH, k_BKTH, v_BKTH = _attend_read_only_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache,
-                                                           mask_BTS, mask_new_BTT, cfg)
+                                                           mask, mask_new_BTT, cfg)
       new_kv = (k_BKTH.transpose(0, 1, 3, 2), v_BKTH) if self.return_kv else None
     out_BTNH = sharding.constrain(out_BTNH, ACT_BTNH)
     out = Linear(cfg, (cfg.num_heads, cfg.head_dim), (cfg.hidden_size,), ("q_heads", "head_dim"),
@@ -499,12 +436,12 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x_BTD: Array, layer_cache: Optional[tuple[Array, Array]],
-               sin_BTh: Array, cos_BTh: Array, mask_BTS: Array,
+               sin_BTh: Array, cos_BTh: Array, mask: Any,
                mask_new_BTT: Optional[Array]) -> tuple[Array, Optional[tuple[Array, Array]]]:
     cfg = self.cfg
     h = RMSNorm(cfg, name="input_layernorm")(x_BTD)
     attention = Attention(cfg, self.return_kv, name="self_attn")
-    a, new_kv = attention(h, sin_BTh, cos_BTh, mask_BTS, mask_new_BTT, layer_cache)
+    a, new_kv = attention(h, sin_BTh, cos_BTh, mask, mask_new_BTT, layer_cache)
     x_BTD = sharding.constrain(x_BTD + a, ACT_BTD)
     h = RMSNorm(cfg, name="post_attention_layernorm")(x_BTD)
     x_BTD = sharding.constrain(x_BTD + Mlp(cfg, name="mlp")(h), ACT_BTD)
@@ -558,15 +495,16 @@ class _Masks(NamedTuple):
   """What the layers read, from `_attention_masks`.
 
   layer_caches: (cache.k, cache.v) for the layers to read, None when they read no cache (no
-    cache, or an empty one). mask_BTS: [B, T, S] over the cache's slots, or, when the layers
-    read no cache, the new tokens' [B, T] segment ids (no [B, T, T] mask: the no-cache
-    attention masks per block, `attention.attend`). mask_new_BTT: [B, T, T] over the new tokens
-    when the layers read a stacked cache, else None. new_seg_BS: [B, S] segment ids of the
-    cache's slots once the new tokens are in (the returned cache's); None without a cache.
+    cache, or an empty one). mask: a `decode_attention.SlotMask` over the cache's slots, or,
+    when the layers read no cache, the new tokens' [B, T] segment ids (no [B, T, T] mask: the
+    no-cache attention masks per block, `attention.attend`). mask_new_BTT: [B, T, T] over the
+    new tokens when the layers read a stacked cache, else None. new_seg_BS: [B, S] segment ids
+    of the cache's slots once the new tokens are in (the returned cache's); None without a
+    cache.
   """
 
   layer_caches: Optional[tuple[Any, Any]]
-  mask_BTS: Array
+  mask: Any
   mask_new_BTT: Optional[Array]
   new_seg_BS: Optional[Array]
 
@@ -574,32 +512,34 @@ class _Masks(NamedTuple):
 def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bool) -> _Masks:
   """Attention masks of [B, T] tokens with segment ids `seg_BT` (0 = padding): same segment,
   key not padding, key at or before the query; over the new tokens and / or the cache's slots,
-  as the layers read them (see `_Masks`)."""
+  as the layers read them (see `_Masks`). Slot masks are built from segment ids block by block
+  as the cache is read (`decode_attention.SlotMask`), so a step's cost follows the slots read.
+  """
   b, t = seg_BT.shape
-
-  def same_segment(seg_k_BS):
-    return (seg_BT[:, :, None] == seg_k_BS[:, None, :]) & (seg_k_BS[:, None, :] != 0)
-
   if cache is None:
     return _Masks(None, seg_BT, None, None)
   _check_cache(cache, b, t)
-  index = cache.index
-  new_seg_BS = jax.lax.dynamic_update_slice(cache.segment_ids, seg_BT, (0, index))
+  new_seg_BS = write_slots(cache.segment_ids, seg_BT, cache.index, batch_axis=0, slot_axis=1)
   if cache_is_empty:
     return _Masks(None, seg_BT, None, new_seg_BS)
+  index_B = jnp.broadcast_to(cache.index, (b,))
+  # Blocks up to the longest row that has a new token are read (finished rows are not waited
+  # for: their queries are padding and attend nothing).
+  last_B = jnp.where(jnp.any(seg_BT != 0, axis=1), index_B, 0)
   if cache.per_layer:
     # Each layer writes the new slots first, then reads its cache (_unrolled_layers): the
     # mask covers the written slots up to each query's own.
-    upto_TS = jnp.arange(cache.max_length)[None, :] <= index + jnp.arange(t)[:, None]
-    return _Masks((cache.k, cache.v), same_segment(new_seg_BS) & upto_TS[None], None,
-                  new_seg_BS)
-  # The cache's own slots (those before index; later ones are empty) and the new tokens
-  # separately: the layers read the cache and never write it (_attend_cached_einsum).
-  written_S = jnp.arange(cache.max_length) < index
-  mask_BTS = same_segment(cache.segment_ids) & written_S[None, None, :]
-  causal_TT = jnp.tril(jnp.ones((t, t), bool))
-  mask_new_BTT = same_segment(seg_BT) & causal_TT[None]
-  return _Masks((cache.k, cache.v), mask_BTS, mask_new_BTT, new_seg_BS)
+    limit_BT = index_B[:, None] + jnp.arange(1, t + 1, dtype=jnp.int32)[None, :]
+    mask = decode_attention.SlotMask(seg_BT, new_seg_BS, limit_BT, jnp.max(last_B) + t)
+    return _Masks((cache.k, cache.v), mask, None, new_seg_BS)
+  # The cache's own slots (those before index) and the new tokens separately: the layers
+  # read the cache and write only the new slots. The mask reads the updated segment ids
+  # (the limit hides the new slots) so the old ones are dead and updated in place.
+  limit_BT = jnp.broadcast_to(index_B[:, None], (b, t))
+  mask = decode_attention.SlotMask(seg_BT, new_seg_BS, limit_BT, jnp.max(last_B))
+  same_BTT = (seg_BT[:, :, None] == seg_BT[:, None, :]) & (seg_BT[:, None, :] != 0)
+  mask_new_BTT = same_BTT & jnp.tril(jnp.ones((t, t), bool))[None]
+  return _Masks((cache.k, cache.v), mask, mask_new_BTT, new_seg_BS)
 
 
 def _write_new_kv(cache: KVCache, new_kv: Any, layers_wrote: bool) -> tuple[Any, Any]:
@@ -616,32 +556,30 @@ def _write_new_kv(cache: KVCache, new_kv: Any, layers_wrote: bool) -> tuple[Any,
       return tuple(new_kv[0]), tuple(new_kv[1])
     return new_kv[0], new_kv[1]
   if cache.per_layer:  # a prefill: the scan's stacked [L, ...] new slots
-    new_k = tuple(jax.lax.dynamic_update_slice(
-        ck, new_kv[0][i].astype(ck.dtype), (0, 0, 0, index)) for i, ck in enumerate(cache.k))
-    new_v = tuple(jax.lax.dynamic_update_slice(
-        cv, new_kv[1][i].astype(cv.dtype), (0, 0, index, 0)) for i, cv in enumerate(cache.v))
+    new_k = tuple(write_slots(ck, new_kv[0][i], index, batch_axis=0, slot_axis=3)
+                  for i, ck in enumerate(cache.k))
+    new_v = tuple(write_slots(cv, new_kv[1][i], index, batch_axis=0, slot_axis=2)
+                  for i, cv in enumerate(cache.v))
     return new_k, new_v
-  new_k = jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype),
-                                       (0, 0, 0, 0, index))
-  new_v = jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype),
-                                       (0, 0, 0, index, 0))
-  return new_k, new_v
+  return (write_slots(cache.k, new_kv[0], index, batch_axis=1, slot_axis=4),
+          write_slots(cache.v, new_kv[1], index, batch_axis=1, slot_axis=3))
 
 
 def _updated_cache(cache: KVCache, masks: _Masks, new_kv: Any, seg_BT: Array,
                    positions_BT: Array, layers_wrote: bool) -> KVCache:
   """`cache` after the [B, T] new tokens: their keys / values and segment ids in slots
-  [index, index + T), index + T, and each row's next RoPE position (unchanged for a row of
-  padding only). layers_wrote: `new_kv` is the cache as the layers wrote it."""
+  [index, index + T), index + T (per row: only rows with a non-padding token advance), and
+  each row's next RoPE position (unchanged for a row of padding only). layers_wrote: `new_kv`
+  is the cache as the layers wrote it."""
   valid_BT = seg_BT != 0
+  any_valid_B = jnp.any(valid_BT, axis=1)
+  t = seg_BT.shape[1]
   last_pos_B = jnp.max(jnp.where(valid_BT, positions_BT, -1), axis=1)
   new_k, new_v = _write_new_kv(cache, new_kv, layers_wrote)
-  return KVCache(
-      k=new_k, v=new_v,
-      segment_ids=masks.new_seg_BS,
-      index=cache.index + seg_BT.shape[1],
-      next_position=jnp.where(jnp.any(valid_BT, axis=1), last_pos_B + 1,
-                              cache.next_position))
+  index = (cache.index + t if cache.index.ndim == 0
+           else cache.index + jnp.where(any_valid_B, t, 0).astype(cache.index.dtype))
+  return KVCache(k=new_k, v=new_v, segment_ids=masks.new_seg_BS, index=index,
+                 next_position=jnp.where(any_valid_B, last_pos_B + 1, cache.next_position))
 
 
 class Decoder(nn.Module):
@@ -684,7 +622,7 @@ class Decoder(nn.Module):
         cache.per_layer or self._reads_stacked_blocks(cache.max_length))
     if layers_wrote and cache.per_layer:
       x_BTD, new_kv = self._unrolled_layers(x_BTD, masks.layer_caches, cache.index, sin_BTh,
-                                            cos_BTh, masks.mask_BTS)
+                                            cos_BTh, masks.mask)
     elif layers_wrote:
       x_BTD, new_kv = self._scanned_cached_layers(x_BTD, masks, cache.index, sin_BTh, cos_BTh)
     else:
@@ -715,7 +653,7 @@ class Decoder(nn.Module):
         unroll=min(cfg.scan_unroll, cfg.num_layers),
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, return_kv, name="layers")
-    return layers(x_BTD, masks.layer_caches, sin_BTh, cos_BTh, masks.mask_BTS,
+    return layers(x_BTD, masks.layer_caches, sin_BTh, cos_BTh, masks.mask,
                   masks.mask_new_BTT)
 
   def _reads_stacked_blocks(self, cache_slots: int) -> bool:
@@ -744,7 +682,7 @@ class Decoder(nn.Module):
       params_l, l = inputs
       read = decode_attention.StackedLayerCache(k_L, v_L, l, index)
       x, (k_L, v_L) = block.apply({"params": params_l}, x, read, sin_BTh, cos_BTh,
-                                  masks.mask_BTS, masks.mask_new_BTT)
+                                  masks.mask, masks.mask_new_BTT)
       return (x, k_L, v_L), None
 
     layer_ids = jnp.arange(cfg.num_layers, dtype=jnp.int32)
@@ -765,7 +703,7 @@ class Decoder(nn.Module):
     return sharding.constrain(logits.astype(cfg.logits_dtype), ACT_BTV)
 
   def _unrolled_layers(self, x_BTD: Array, layer_caches: tuple[Any, Any], index: Array,
-                       sin_BTh: Array, cos_BTh: Array, mask_BTS: Array
+                       sin_BTh: Array, cos_BTh: Array, mask: decode_attention.SlotMask
                        ) -> tuple[Array, tuple[list[Array], list[Array]]]:
     """The scanned layers as a Python loop over a per-layer cache, with the same parameters.
 
@@ -791,7 +729,7 @@ class Decoder(nn.Module):
     for i in range(cfg.num_layers):
       x_BTD, (k, v) = block.apply({"params": per_layer[i]}, x_BTD,
                                   (layer_caches[0][i], layer_caches[1][i], index), sin_BTh,
-                                  cos_BTh, mask_BTS, None)
+                                  cos_BTh, mask, None)
       ks.append(k)
       vs.append(v)
     return x_BTD, (ks, vs)
