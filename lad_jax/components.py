@@ -151,7 +151,8 @@ def make_sampler(config, model_cfg, tokenizer, mesh) -> Any:
   eos_ids, pad_id = special_ids(tokenizer, model_cfg)
   kw = dict(eos_ids=eos_ids, pad_id=pad_id, mesh=mesh, prompt_buckets=tuple(s.prompt_buckets),
             stop_strings=tuple(s.stop_strings),
-            tokenizer=tokenizer if s.stop_strings else None)
+            tokenizer=tokenizer if s.stop_strings else None,
+            length_bucket=config.train.get("pack_length_bucket", 0))
   if s.get("decode_slots", 0):
     return continuous.ContinuousSampler(Decoder(model_cfg), decode_slots=s.decode_slots,
                                         refill_rows=s.get("refill_rows", 0) or None, **kw)

@@ -203,6 +203,7 @@ def _train_section() -> ConfigDict:
   # Trimmed, packed batches (verl use_remove_padding / use_dynamic_bsz; lad_jax/packing.py):
   # responses trimmed to the longest one rounded up to pack_length_bucket tokens, and each
   # micro-batch's sequences packed into rows of pack_capacity tokens (0: the trimmed length).
+  # The sampler already returns responses trimmed to that bucket (Sampler.length_bucket).
   s.pack = True
   s.pack_length_bucket = 256
   s.pack_capacity = 0

@@ -333,6 +333,9 @@ class ContinuousSampler(sampler_lib.Sampler):
       if self.mesh is None:
         return jnp.asarray(x)
       return sampler_lib.put_host(x, self._named(("batch",) + (None,) * (x.ndim - 1), x.shape))
+    width = self.trimmed_width(out.mask_NR.sum(axis=1), out.tokens_NR.shape[1])
+    out.tokens_NR, out.mask_NR = out.tokens_NR[:, :width], out.mask_NR[:, :width]
+    out.logp_NR = out.logp_NR[:, :width]
     return sampler_lib.SampleOutput(
         prompt_tokens=put(np.repeat(tokens_PT, group_size, axis=0)),
         prompt_mask=put(np.repeat(mask_PT, group_size, axis=0)),

@@ -382,6 +382,9 @@ class Sampler:
     per_layer_cache: decode with one cache buffer per layer and the layers unrolled (see the
       module docstring). None = on CPU only, where the per-step copies of the scan cost ~20%
       of a decode step; on GPU / TPU the scan's smaller program and memory win.
+    length_bucket: > 0 trims the response columns of the output to the longest response
+      rounded up to a multiple of this (at most R), so later stages skip the padding with
+      few distinct shapes; 0 = keep all R columns.
   """
 
   def __init__(self, model: Decoder, *, eos_ids: Sequence[int], pad_id: int,
@@ -390,7 +393,7 @@ class Sampler:
                response_buckets: Optional[Sequence[int]] = None,
                stop_strings: Sequence[str] = (), tokenizer: Any = None,
                rows_per_call: Optional[int] = None,
-               per_layer_cache: Optional[bool] = None):
+               per_layer_cache: Optional[bool] = None, length_bucket: int = 0):
     self.model = model
     self.cfg = model.cfg
     self.eos_ids = tuple(int(e) for e in eos_ids)
@@ -410,6 +413,9 @@ class Sampler:
     if rows_per_call is not None and rows_per_call < 1:
       raise ValueError(f"rows_per_call must be >= 1 or None (all at once), got {rows_per_call}.")
     self.rows_per_call = rows_per_call
+    if length_bucket < 0:
+      raise ValueError(f"length_bucket must be >= 0 (0 = no trimming), got {length_bucket}.")
+    self.length_bucket = int(length_bucket)
     self.platform = jax.default_backend() if mesh is None else mesh.devices.flat[0].platform
     self.per_layer_cache = (self.platform == "cpu" if per_layer_cache is None
                             else bool(per_layer_cache))
@@ -618,11 +624,30 @@ class Sampler:
     if self.stop_strings:
       out = apply_stop_strings(out, stop_strings=self.stop_strings, tokenizer=self.tokenizer,
                                pad_id=self.pad_id)
+    out = self.trimmed(out)
     if on_rows is not None:
       on_rows(FinishedRows(rows=np.arange(num_prompts * group_size),
                            response_tokens=np.asarray(out.response_tokens),
                            lengths=np.asarray(out.lengths)))
     return out
+
+  def trimmed_width(self, lengths_N: np.ndarray, response_len: int) -> int:
+    """Response columns kept: the longest length rounded up to `length_bucket` (<= R)."""
+    if not self.length_bucket:
+      return response_len
+    longest = max(1, int(np.max(lengths_N)))
+    return min(response_len, -(-longest // self.length_bucket) * self.length_bucket)
+
+  def trimmed(self, out: SampleOutput) -> SampleOutput:
+    """`out` with its response columns cut to `trimmed_width` (nothing past a row's end is
+    dropped: those columns are padding)."""
+    r = out.response_tokens.shape[1]
+    width = self.trimmed_width(np.asarray(out.lengths), r)
+    if width == r:
+      return out
+    cut = lambda x: self._rows(x[:, :width])
+    return out.replace(response_tokens=cut(out.response_tokens),
+                       response_mask=cut(out.response_mask), logp=cut(out.logp))
 
   def _checked_prompts(self, prompts: Sequence[Sequence[int]]) -> list[list[int]]:
     """The prompts as lists of Python ints; raises on none, an empty one, or ids outside the

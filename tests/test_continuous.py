@@ -132,6 +132,24 @@ def test_stop_strings_equal_lock_step(tiny):
   assert np.asarray(got.lengths).min() < MAX_NEW
 
 
+def test_outputs_trimmed_to_the_length_bucket(tiny):
+  """length_bucket=8: both samplers return the longest response rounded up to 8 columns, the
+  untrimmed output's first columns (and no row loses a token)."""
+  cfg, params = tiny
+  full = _pair(cfg, per_layer=False)[1].sample(
+      params, _prompts(2, seed=3), jax.random.key(1), group_size=G, max_new_tokens=MAX_NEW,
+      row_limits=[3, 9, 5, 2, 1, 4])
+  width = -(-int(np.max(full.lengths)) // 8) * 8
+  assert width < 24 and full.response_tokens.shape == (6, 24)
+  for smp in _pair(cfg, per_layer=False, length_bucket=8):
+    got = smp.sample(params, _prompts(2, seed=3), jax.random.key(1), group_size=G,
+                     max_new_tokens=MAX_NEW, row_limits=[3, 9, 5, 2, 1, 4])
+    assert got.response_tokens.shape == (6, width)
+    for f in ("response_tokens", "response_mask", "logp"):
+      np.testing.assert_array_equal(getattr(got, f), np.asarray(getattr(full, f))[:, :width])
+    np.testing.assert_array_equal(got.lengths, full.lengths)
+
+
 def test_compiles_once_per_bucket(tiny):
   cfg, params = tiny
   _, cont = _pair(cfg, per_layer=False)

@@ -467,6 +467,17 @@ def test_two_step_run_lad(lad_run):
   _check_run(*lad_run)
 
 
+def test_continuous_batching_run_equals_lock_step(tmp_path, compile_cache, lad_run):
+  """sampling.decode_slots: the same rollouts through 4 refilled slots, so the same training:
+  the lock-step run's parameters."""
+  config = tiny_config(tmp_path, "lad", compile_cache_dir=compile_cache)
+  config.sampling.decode_slots, config.sampling.refill_rows = 4, 2
+  state, last = rl.train_and_evaluate(config, task=fake_task())
+  params = _params(state)
+  _check_run(config, params, last)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), params, lad_run[1])
+
+
 @pytest.mark.parametrize("name", ["grpo", "flowrl"])
 def test_two_step_run_baselines(tmp_path, compile_cache, name):
   config = tiny_config(tmp_path, name, compile_cache_dir=compile_cache)
