@@ -33,6 +33,9 @@ def math_protocol(c: ConfigDict) -> ConfigDict:
   # (2048 + 8192) slots per row); 256 rows is ~150 GB, ~19 GB per device over 8 devices. The 7B
   # configs go down to 128 (`seven_b_layout`).
   c.sampling.rows_per_call = 256
+  # Continuous batching over as many slots (lad_jax/continuous.py): RLVR response lengths are
+  # long-tailed, and lock-step chunks would decode until their longest row ends.
+  c.sampling.decode_slots = 256
   c.train.prompts_per_step = 256
   c.train.mini_batches = 8  # 8 policy updates per rollout
   c.train.micro_batches = 16
@@ -67,10 +70,11 @@ def math_protocol(c: ConfigDict) -> ConfigDict:
 def seven_b_layout(c: ConfigDict) -> ConfigDict:
   """The layout a 7B model needs on 8 x 80 GB (`benchmarks/memory_plan.py`, README results):
   tensor parallelism 2 x FSDP 4, so that decoding (weights gathered over FSDP only, once per
-  rollout) holds half the weights per device, and 128 rollout rows per sampler call (a KV cache
-  of ~9 GB per device). At 256 rows x tensor 1 the plan's decode peak was 104 GiB per device."""
+  rollout) holds half the weights per device, and 128 rollout rows decoded at a time (a KV
+  cache of ~9 GB per device). At 256 rows x tensor 1 the plan's decode peak was 104 GiB per device."""
   c.mesh.data = 1
   c.mesh.tensor = 2
   c.mesh.fsdp = -1
   c.sampling.rows_per_call = 128
+  c.sampling.decode_slots = 128
   return c

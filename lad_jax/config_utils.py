@@ -360,6 +360,9 @@ def smoke(config: ConfigDict) -> ConfigDict:
   c.sampling.group_size = min(c.sampling.group_size, 4)
   c.sampling.max_new_tokens = min(c.sampling.max_new_tokens, 64)
   c.sampling.prompt_buckets = (128, 256, 512)
+  if c.sampling.decode_slots:  # no more slots than the smoke run's rows
+    c.sampling.decode_slots = min(c.sampling.decode_slots, 16)
+    c.sampling.refill_rows = min(c.sampling.refill_rows, c.sampling.decode_slots)
   c.data.max_prompt_tokens = min(c.data.max_prompt_tokens, 512)
   c.train.num_steps = min(c.train.num_steps, 2)
   c.train.prompts_per_step = 4

@@ -102,7 +102,7 @@ class _Fns(NamedTuple):
   take: Any
 
 
-class _Sampling(NamedTuple):
+class Sampling(NamedTuple):
   """Static sampling parameters of a call (see `sampler.sample_logits`)."""
 
   temperature: float
@@ -144,7 +144,7 @@ def place_rows(cache: KVCache, new: KVCache, slot_K: Array) -> KVCache:
                  next_position=put(cache.next_position, new.next_position))
 
 
-def insert(smp: sampler_lib.Sampler, sampling: _Sampling, params: Any, slots: Slots,
+def insert(smp: sampler_lib.Sampler, sampling: Sampling, params: Any, slots: Slots,
            refill: Refill, key: Array) -> Slots:
   """Prefills the K refill rows into their slots and samples their first token (step 0,
   from `fold_in(fold_in(key, 0), row)`, as `Sampler`)."""
@@ -168,7 +168,7 @@ def insert(smp: sampler_lib.Sampler, sampling: _Sampling, params: Any, slots: Sl
                logp_NR=put(slots.logp_NR, logp_KR))
 
 
-def _step(smp: sampler_lib.Sampler, sampling: _Sampling, params: Any, key: Array,
+def _step(smp: sampler_lib.Sampler, sampling: Sampling, params: Any, key: Array,
           s: Slots) -> Slots:
   """One decode step of every slot: feeds each active row's last token, samples its next one
   (row r's token i from `fold_in(fold_in(key, i), r)`) and writes it at the row's own column."""
@@ -190,7 +190,7 @@ def _step(smp: sampler_lib.Sampler, sampling: _Sampling, params: Any, key: Array
       logp_NR=s.logp_NR.at[rows_N, col_N].set(lp_N, mode="drop"))
 
 
-def decode(smp: sampler_lib.Sampler, sampling: _Sampling, params: Any, slots: Slots,
+def decode(smp: sampler_lib.Sampler, sampling: Sampling, params: Any, slots: Slots,
            key: Array, free_target: Array) -> tuple[Slots, Array]:
   """Decode steps until at least `free_target` slots have ended (or none is active); returns
   the slots and their ended flags [N]."""
@@ -257,7 +257,7 @@ class ContinuousSampler(sampler_lib.Sampler):
     if temperature == 0.0:
       top_p, top_k = 1.0, 0
     fns = self._fns_for(prompt_len, response_len,
-                        _Sampling(float(temperature), float(top_p), int(top_k)))
+                        Sampling(float(temperature), float(top_p), int(top_k)))
     tokens_PT, mask_PT = sampler_lib._left_pad(prompts, prompt_len, self.pad_id)  # pylint: disable=protected-access
     out = _Outputs(num_rows, response_len, self.pad_id)
     if self.mesh is not None:
@@ -345,14 +345,14 @@ class ContinuousSampler(sampler_lib.Sampler):
 
   # ---------------------------------------------------------------- compiled functions
 
-  def _fns_for(self, prompt_len: int, response_len: int, sampling: _Sampling) -> _Fns:
+  def _fns_for(self, prompt_len: int, response_len: int, sampling: Sampling) -> _Fns:
     """The jitted (empty, insert, decode, take) of one bucket / sampling key (cached)."""
     fn_key = (prompt_len, response_len) + tuple(sampling)
     if fn_key not in self._continuous:
       self._continuous[fn_key] = self._build_continuous(prompt_len, response_len, sampling)
     return self._continuous[fn_key]
 
-  def _build_continuous(self, prompt_len: int, response_len: int, sampling: _Sampling) -> _Fns:
+  def _build_continuous(self, prompt_len: int, response_len: int, sampling: Sampling) -> _Fns:
     n = self.decode_slots
     empty = lambda: empty_slots(self, n, prompt_len, response_len)
 
@@ -367,13 +367,14 @@ class ContinuousSampler(sampler_lib.Sampler):
                   jax.jit(decode_fn, donate_argnums=(1,), compiler_options=opts), jax.jit(take))
     slots_sh = self._slots_shardings(jax.eval_shape(empty))
     rep = NamedSharding(self.mesh, PartitionSpec())
-    rows_N = self._named(("batch",), (n,))
     return _Fns(
         jax.jit(empty, out_shardings=slots_sh),
         jax.jit(insert_fn, in_shardings=(self._param_shardings, slots_sh, rep, rep),
                 out_shardings=slots_sh, donate_argnums=(1,), compiler_options=opts),
+        # The ended flags and taken rows come back replicated: every host reads them (the host
+        # loop runs the same on every process).
         jax.jit(decode_fn, in_shardings=(self._param_shardings, slots_sh, rep, rep),
-                out_shardings=(slots_sh, rows_N), donate_argnums=(1,), compiler_options=opts),
+                out_shardings=(slots_sh, rep), donate_argnums=(1,), compiler_options=opts),
         jax.jit(take, in_shardings=(slots_sh, rep), out_shardings=rep))
 
   def _slots_shardings(self, abstract: Slots) -> Slots:

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from lad_jax import components
 from lad_jax import config_utils
+from lad_jax import continuous
 from lad_jax import rl
 from lad_jax import scoring
 from lad_jax import sharding
@@ -202,7 +203,10 @@ def bytes_per_device(abstract: Any) -> int:
 def _layout(config, mesh, sampler) -> Layout:
   s, t = config.sampling, config.train
   prompt_len = min(b for b in s.prompt_buckets if b >= config.data.max_prompt_tokens)
-  per_call, _ = sampler._chunking(t.prompts_per_step, s.group_size)  # pylint: disable=protected-access
+  if _is_continuous(sampler):  # the slots decoded at a time, as prompts x G
+    per_call = max(1, sampler.decode_slots // s.group_size)
+  else:
+    per_call, _ = sampler._chunking(t.prompts_per_step, s.group_size)  # pylint: disable=protected-access
   return Layout(group_size=s.group_size, prompts=t.prompts_per_step, prompt_len=prompt_len,
                 response_len=s.max_new_tokens, per_call=per_call, mini_batches=t.mini_batches,
                 micro_batches=t.micro_batches, batch_devices=train_lib.batch_devices(mesh))
@@ -236,10 +240,17 @@ def make_sampler(config, model_cfg: ModelConfig, mesh: Any, platform: str) -> An
   return sampler
 
 
+def _is_continuous(sampler: Any) -> bool:
+  return isinstance(sampler, continuous.ContinuousSampler)
+
+
 def lower_sampler(sampler: Any, params: Any, layout: Layout, config) -> tuple[Any, Any]:
   """(prefill, decode) of one sampler call, lowered: per_call prompts x prompt bucket, a cache
-  of per_call x G rows x (bucket + max_new_tokens) slots."""
+  of per_call x G rows x (bucket + max_new_tokens) slots. A continuous-batching sampler's
+  (insert of refill_rows rows, decode of the slots) instead."""
   s = config.sampling
+  if _is_continuous(sampler):
+    return _lower_continuous(sampler, params, layout, s)
   prefill, decode = sampler._compiled_fns(  # pylint: disable=protected-access
       prompt_len=layout.prompt_len, response_len=layout.response_len,
       num_prompts=layout.per_call, group_size=layout.group_size,
@@ -254,6 +265,24 @@ def lower_sampler(sampler: Any, params: Any, layout: Layout, config) -> tuple[An
     limits = _sd((layout.per_call * layout.group_size,), jnp.int32)
     lowered_decode = decode.lower(params, cache, logits, key, scalar, scalar, limits)
   return lowered_prefill, lowered_decode
+
+
+def _lower_continuous(sampler: Any, params: Any, layout: Layout, s: Any) -> tuple[Any, Any]:
+  """(insert, decode) of `continuous.ContinuousSampler` on abstract slots."""
+  fns = sampler._fns_for(  # pylint: disable=protected-access
+      layout.prompt_len, layout.response_len,
+      continuous.Sampling(float(s.temperature), float(s.top_p), int(s.top_k)))
+  k = sampler.refill_rows
+  ints = _sd((k,), jnp.int32)
+  refill = continuous.Refill(slot_K=ints, tokens_KT=_sd((k, layout.prompt_len), jnp.int32),
+                             mask_KT=_sd((k, layout.prompt_len), bool), row_K=ints,
+                             limit_K=ints)
+  params = with_shardings(params, sampler.param_shardings)
+  key = jax.eval_shape(lambda: jax.random.key(0))
+  with sharding.use_mesh(sampler.mesh):
+    slots = fns.empty.eval_shape()
+    return (fns.insert.lower(params, slots, refill, key),
+            fns.decode.lower(params, slots, key, _sd((), jnp.int32)))
 
 
 def lower_score(config, model_cfg: ModelConfig, mesh: Any, params: Any, layout: Layout) -> Any:
@@ -456,8 +485,9 @@ def _advice_sampler(plan: Plan, p: ProgramMemory) -> str:
   room = plan.budget - (p.device_peak - p.temps - plan.resident.kv_cache)
   g = plan.layout.group_size
   rows = int(room // per_row) // g * g if room > 0 else 0
+  knob = ("decode_slots" if plan.config.sampling.get("decode_slots", 0) else "rows_per_call")
   if rows >= g:
-    return (f"sampling.rows_per_call={rows} (now {plan.config.sampling.rows_per_call}; cache + "
+    return (f"sampling.{knob}={rows} (now {plan.config.sampling[knob]}; cache + "
             f"temporaries {_gib(per_row * 1024)} GiB per 1024 rows)")
   return "sampling.rows_per_call=G does not fit either: more devices (mesh) or a smaller model"
 

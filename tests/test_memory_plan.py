@@ -32,6 +32,7 @@ def _small_qwen7b():
   c.sampling.prompt_buckets = (64,)
   c.sampling.max_new_tokens = 64
   c.sampling.rows_per_call = 64
+  c.sampling.decode_slots = 64  # continuous batching, as configs/qwen7b.py
   c.train.prompts_per_step = 16
   c.train.mini_batches = 2
   c.train.micro_batches = 2
