@@ -40,11 +40,17 @@ Per-layer cache (`per_layer_cache`, the default on CPU): the cache is one buffer
 the decode step runs the layers unrolled, each writing its new slot in place and then reading
 its own buffer; the layer scan instead slices every layer's weights out of the stacked arrays
 at every step (and, with `decode_block_size=0`, every layer's whole cache too). Either way a
-step reads only the written cache slots (`ModelConfig.decode_block_size`), so its cost follows
+step reads only a prefix window of the cache (at most twice the written slots,
+`ModelConfig.decode_block_size`), so its cost follows
 the tokens so far, not the response bucket. The per-layer path slices the layer weights once
 per call before the loop (one extra copy of them while decoding), and its unrolled program
 compiles ~2x longer; the rollouts are the same up to float rounding (speed: the README's
 results, benchmarks/sampler_vs_hf.py and benchmarks/decode_scaling.py).
+
+Lock step: a call (or chunk) decodes until its longest row ends, so rows that end early idle;
+`continuous.ContinuousSampler` refills their slots instead (continuous batching), with the same
+rows for a key. Rows can be given their own token limits (`row_limits`), and finished rows are
+handed to `on_rows` (here all at the end) for verification.
 
 Memory: the cache holds N = num_prompts * G rows of Tp + R slots. At paper scale (256 prompts x 8
 x 8192 tokens) that exceeds any accelerator, so `rows_per_call` runs the prompts in chunks of

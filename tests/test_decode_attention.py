@@ -1,4 +1,4 @@
-"""Decode attention over the written cache blocks == attention over the whole cache bucket.
+"""Decode attention over a prefix window of the cache == attention over the whole cache bucket.
 
 Reference: one softmax over every slot with the unwritten / masked ones biased away (the
 decoder's `decode_block_size=0` path, and a numpy softmax here).
@@ -52,10 +52,8 @@ def test_prefix_window_equals_one_softmax_over_the_written_slots(block_size, num
   """Windows of C, 2C, .. up to S = 20 with C dividing S, not, and exceeding it; each query
   attends its own segment below its own limit (<= num_slots)."""
   q, k, v, mask, want = _inputs(num_slots=num_slots)
-  st = decode_attention.fold_cache_prefix(
-      decode_attention.init_state(jnp.asarray(q)), jnp.asarray(q), jnp.asarray(k),
-      jnp.asarray(v), mask, block_size=block_size)
-  got = decode_attention.finish(st, jnp.float32)
+  got = decode_attention.attend_prefix(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask,
+                                       block_size=block_size)
   np.testing.assert_allclose(got, _numpy_attention(q, k, v, want), atol=2e-6)
 
 
@@ -67,8 +65,8 @@ def test_slot_mask_blocks_tile_the_full_mask():
       np.concatenate([mask.block(jnp.int32(s), 5) for s in range(0, S, 5)], -1), want)
 
 
-def test_stacked_layer_and_new_tokens_fold_into_one_softmax():
-  """Layer 1 of a stacked [L, ...] cache read by block, plus new keys folded in first."""
+def test_stacked_layer_and_new_tokens_in_one_softmax():
+  """Layer 1 of a stacked [L, ...] cache read in a window, plus new keys not in the cache."""
   q, k, v, mask, want = _inputs(1, num_slots=11)
   rng = np.random.default_rng(2)
   kn, vn = rng.normal(size=(B, K, H, T)).astype(np.float32), rng.normal(
@@ -76,11 +74,10 @@ def test_stacked_layer_and_new_tokens_fold_into_one_softmax():
   mask_new = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
   k_L = jnp.stack([jnp.zeros_like(k), jnp.asarray(k)])
   v_L = jnp.stack([jnp.zeros_like(v), jnp.asarray(v)])
-  st = decode_attention.fold(decode_attention.init_state(jnp.asarray(q)),
-                             decode_attention.scores(jnp.asarray(q), kn, mask_new), vn)
-  st = decode_attention.fold_cache_prefix(st, jnp.asarray(q), k_L, v_L, mask, block_size=4,
-                                          layer=jnp.int32(1))
-  got = decode_attention.finish(st, jnp.float32)
+  got = decode_attention.attend_prefix(jnp.asarray(q), k_L, v_L, mask, block_size=4,
+                                       layer=jnp.int32(1),
+                                       new=(jnp.asarray(kn), jnp.asarray(vn),
+                                            jnp.asarray(mask_new)))
   want = _numpy_attention(q, np.concatenate([k, kn], -1), np.concatenate([v, vn], 2),
                           np.concatenate([want, mask_new], -1))
   np.testing.assert_allclose(got, want, atol=2e-6)

@@ -139,10 +139,11 @@ class ModelConfig:
       "blockwise" also blocks the keys; 0 = one block.
     attention_max_segments: the most segment runs (packed sequences) per row that "cudnn"
       handles; runs past it are dropped (static shapes), so keep it >= the packing.
-    decode_block_size: with a KV cache, attention reads only the written slots, this many
-      at a time, with an online softmax (`decode_attention`): decode cost follows the written
-      length, not the cache bucket (for either attention_impl). 0 = attend over the whole
-      bucket, empty slots masked.
+    decode_block_size: with a KV cache, attention reads only a prefix window of the cache,
+      the smallest of this, twice this, four times ... (up to the bucket) that holds the
+      written slots (`decode_attention`): decode cost follows the written length, not the cache
+      bucket (for either attention_impl). 0 = attend over the whole bucket, empty slots
+      masked.
     bos_token_id, eos_token_ids, pad_token_id: special tokens from config.json, if given.
     initializer_range: stddev of the normal initialiser for fresh parameters.
   """

@@ -1,4 +1,4 @@
-"""Decode attention over the written part of a KV cache (online softmax, prefix windows).
+"""Decode attention over the written prefix of a KV cache, in windows of doubling size.
 
 A decode step's queries attend to the cache slots before the write index (one index shared by
 all rows in lock step, or one per row with continuous batching) and to the new tokens.
@@ -6,26 +6,18 @@ Attending over the whole cache bucket and masking the empty slots costs work pro
 the bucket; here a step reads only a prefix of the cache: the smallest of the windows C, 2C,
 4C, ..., S (C = `decode_block_size`) that holds every written slot, picked at run time by a
 `lax.switch` over those static sizes. A step costs at most twice the work of the slots written
-so far (and at least one window of C), with one matmul per layer rather than a loop.
+so far (and at least one window of C), as one softmax and two matmuls per layer.
 
-The new tokens and the cache window are folded into one online softmax:
-
-  m_0 = -1e30, l_0 = 0, o_0 = 0                       (per query: max, sum, output)
-  for each key set b (scores s_b = q . k_b + mask bias, values v_b):
-    m_b = max(m_{b-1}, max s_b);  a = exp(m_{b-1} - m_b)
-    l_b = a l_{b-1} + sum exp(s_b - m_b);  o_b = a o_{b-1} + exp(s_b - m_b) . v_b
-  out = o / l                                         (the softmax over all of them at once)
-
-All of it in float32 (the probabilities are cast to the value dtype only as a matmul operand,
-with float32 accumulation), so it equals one softmax over the full bucket up to rounding.
+Scores are float32 (the probabilities are cast to the value dtype only as a matmul operand,
+with float32 accumulation); slots in the window but not attended (unwritten, other segments,
+padding) get a finite bias (-1e30, as the decoder's), so the result equals one softmax over
+the full bucket up to rounding, and a query whose keys are all masked (padding) gets a uniform
+average over the slots read, never NaN (its output is never used).
 
 Two layouts are read: a per-layer buffer (k [B, K, H, S], v [B, K, S, H]) and the stacked
 [L, ...] cache with a layer index (`StackedLayerCache`), sliced to the window inside the
 layer so the layer's cache is never copied out of the stack as a whole. Masks come from
 segment ids, built only over the window read (`SlotMask`).
-
-Masked keys get a finite bias (-1e30, as the decoder's), so a query whose keys are all masked
-(padding) gets a uniform average over the slots read, never NaN; its output is never used.
 """
 
 from __future__ import annotations
@@ -57,39 +49,6 @@ class StackedLayerCache(NamedTuple):
   index: Array
 
 
-class SoftmaxState(NamedTuple):
-  """Running max [B, K, G, T], sum of exp [B, K, G, T] and unnormalised output
-  [B, K, G, T, H] of an online softmax (float32)."""
-
-  max_BKGT: Array
-  sum_BKGT: Array
-  out_BKGTH: Array
-
-
-def init_state(q_BKGTH: Array) -> SoftmaxState:
-  """The empty state (no key folded in yet) for grouped queries [B, K, G, T, H]."""
-  shape = q_BKGTH.shape[:-1]
-  return SoftmaxState(jnp.full(shape, _MASK_VALUE, jnp.float32),
-                      jnp.zeros(shape, jnp.float32), jnp.zeros(q_BKGTH.shape, jnp.float32))
-
-
-def fold(state: SoftmaxState, scores_BKGTS: Array, v_BKSH: Array) -> SoftmaxState:
-  """Folds S more keys into the state: their biased fp32 scores [B, K, G, T, S] and values
-  [B, K, S, H]."""
-  new_max = jnp.maximum(state.max_BKGT, jnp.max(scores_BKGTS, axis=-1))
-  scale = jnp.exp(state.max_BKGT - new_max)
-  p_BKGTS = jnp.exp(scores_BKGTS - new_max[..., None])
-  pv_BKGTH = jnp.einsum("bkgts,bksh->bkgth", p_BKGTS.astype(v_BKSH.dtype), v_BKSH,
-                        preferred_element_type=jnp.float32)
-  return SoftmaxState(new_max, state.sum_BKGT * scale + jnp.sum(p_BKGTS, axis=-1),
-                      state.out_BKGTH * scale[..., None] + pv_BKGTH)
-
-
-def finish(state: SoftmaxState, dtype: Any) -> Array:
-  """The attention output [B, K, G, T, H] in `dtype`: the output over the sum of weights."""
-  return (state.out_BKGTH / state.sum_BKGT[..., None]).astype(dtype)
-
-
 def scores(q_BKGTH: Array, k_BKHS: Array, mask_BTS: Array) -> Array:
   """fp32 scores [B, K, G, T, S] of grouped queries and keys [B, K, H, S], masked keys biased
   by -1e30 (one bias per [B, T, S], broadcast over heads)."""
@@ -108,8 +67,8 @@ class SlotMask(NamedTuple):
   query_seg_BT: [B, T] int32 segment ids of the queries (0 = padding: attends nothing).
   slot_seg_BS: [B, S] int32 segment ids of the cache slots (0 = empty or padding).
   limit_BT: [B, T] int32, one past the last slot a query may attend (written slots, causal).
-  num_slots: [] int32, slots from 0 read block by block (>= every row's limit; later blocks are
-    never read).
+  num_slots: [] int32, slots from 0 that must be read (>= every row's limit; the window read
+    is the smallest that covers them).
   """
 
   query_seg_BT: Array
@@ -153,31 +112,41 @@ def _read_prefix(k: Array, v: Array, layer: Optional[Array], w: int) -> tuple[Ar
   return kb, vb
 
 
-def fold_cache_prefix(state: SoftmaxState, q_BKGTH: Array, k: Array, v: Array,
-                      mask: SlotMask, *, block_size: int,
-                      layer: Optional[Array] = None) -> SoftmaxState:
-  """Folds the cache slots [0, W) into the state, W the smallest of `window_sizes` that
-  covers mask.num_slots: one matmul over at most twice the written slots (and at least one
-  block), chosen by a `lax.switch` over the static window sizes.
+def attend_prefix(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_size: int,
+                  layer: Optional[Array] = None,
+                  new: Optional[tuple[Array, Array, Array]] = None) -> Array:
+  """Attention of grouped queries over the cache slots [0, W) (and the new tokens), W the
+  smallest of `window_sizes` that covers mask.num_slots, chosen by a `lax.switch`.
 
   Args:
-    state: the online softmax so far.
     q_BKGTH: grouped queries [B, K, G, T, H] in the compute dtype.
     k, v: keys [B, K, H, S] and values [B, K, S, H], or the stacked [L, ...] cache with
       `layer` its layer index.
-    mask: which slots each query attends; slots at or after mask.num_slots are never read
-      unless they share the window (then its limits mask them).
+    mask: which slots each query attends; slots at or after mask.num_slots are read only when
+      they share the window (then the limits mask them).
     block_size: C, the smallest window.
+    new: (keys [B, K, H, T], values [B, K, T, H], mask [B, T, T]) of new tokens that are not
+      in the cache yet, in the same softmax; None when the cache holds them already.
+
+  Returns:
+    [B, K, G, T, H] in the compute dtype.
   """
   sizes = window_sizes(mask.slot_seg_BS.shape[-1], block_size)
   dtype = q_BKGTH.dtype
 
-  def read(w: int, st: SoftmaxState) -> SoftmaxState:
+  def read(w: int) -> Array:
     kb_BKHW, vb_BKWH = _read_prefix(k, v, layer, w)
-    return fold(st, scores(q_BKGTH, kb_BKHW, mask.block(jnp.int32(0), w)),
-                vb_BKWH.astype(dtype))
+    s_BKGTW = scores(q_BKGTH, kb_BKHW, mask.block(jnp.int32(0), w))
+    if new is None:
+      p_BKGTW = jax.nn.softmax(s_BKGTW, axis=-1).astype(dtype)
+      return jnp.einsum("bkgts,bksh->bkgth", p_BKGTW, vb_BKWH.astype(dtype))
+    kn_BKHT, vn_BKTH, mask_new_BTT = new
+    p = jax.nn.softmax(jnp.concatenate([s_BKGTW, scores(q_BKGTH, kn_BKHT, mask_new_BTT)], -1),
+                       axis=-1).astype(dtype)
+    return (jnp.einsum("bkgts,bksh->bkgth", p[..., :w], vb_BKWH.astype(dtype))
+            + jnp.einsum("bkgtu,bkuh->bkgth", p[..., w:], vn_BKTH.astype(dtype)))
 
   if len(sizes) == 1:
-    return read(sizes[0], state)
+    return read(sizes[0])
   branch = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < mask.num_slots)
-  return jax.lax.switch(branch, [functools.partial(read, w) for w in sizes], state)
+  return jax.lax.switch(branch, [functools.partial(read, w) for w in sizes])

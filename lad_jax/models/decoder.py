@@ -28,7 +28,7 @@ one in-place update after the layer scan. A per-layer cache (`KVCache.init(per_l
 runs the layers unrolled instead, each writing its new slots into its own buffer and then
 reading it (no per-step copy of the layer's cache out of a stacked one; see
 `Decoder._unrolled_layers`). With `cfg.decode_block_size` > 0 (the default) a cached step reads
-only the written slots, block by block with an online softmax (`decode_attention`), and the
+only a prefix window of at most twice the written slots (`decode_attention`), and the
 stacked cache is a carry of the layer scan that each layer writes, then reads
 (`Decoder._scanned_cached_layers`); 0 = the whole bucket, as described above. The caller
 must keep index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies
@@ -281,10 +281,11 @@ def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
 
 
 def reads_in_blocks(cfg: ModelConfig, cache_slots: int) -> bool:
-  """Whether a cached step reads the cache block by block (`decode_attention`): with
+  """Whether a cached step reads a prefix window of the cache (`decode_attention`): with
   `cfg.decode_block_size` > 0 and a cache of more than two blocks. A cache of one or two blocks
-  is read whole: there the loop costs more than the unwritten slots it skips (SmolLM2, 16 x 8
-  rows, a 192-slot cache on CPU: blocked 0.76x the whole-cache speed)."""
+  is read whole: there the window's switch and slot masks cost about what the unwritten slots
+  it skips do (SmolLM2, 16 x 8 rows, a 192-slot cache on CPU ran at 0.76x the whole-cache
+  speed with the earlier block-loop reader)."""
   return cfg.decode_block_size > 0 and cache_slots > 2 * cfg.decode_block_size
 
 
@@ -307,10 +308,8 @@ def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   cv = sharding.constrain(cv, CACHE_BKSH)
   if reads_in_blocks(cfg, ck.shape[-1]):
     q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
-    state = decode_attention.fold_cache_prefix(
-        decode_attention.init_state(q_BKGTH), q_BKGTH, ck, cv, mask,
-        block_size=cfg.decode_block_size)
-    out_BTNH = attention.ungroup(decode_attention.finish(state, cfg.dtype))
+    out_BTNH = attention.ungroup(decode_attention.attend_prefix(
+        q_BKGTH, ck, cv, mask, block_size=cfg.decode_block_size))
   else:
     out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask.full(),
                               cfg, keys_hs=True)
@@ -321,11 +320,11 @@ def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
                                  layer_cache: decode_attention.StackedLayerCache,
                                  mask: decode_attention.SlotMask, mask_new_BTT: Array,
                                  cfg: ModelConfig) -> tuple[Array, tuple[Array, Array]]:
-  """Stacked cache, read block by block (`decode_attention`): writes the new keys / values
-  [B, K, T, H] at slots [index, index + T) of the layer's part of the stacked [L, ...] cache,
-  then attends over its written slots before index (`mask`) and the T new tokens
-  (`mask_new_BTT`, from registers) in one online softmax, so the work follows the index, not
-  the bucket S. Returns (out [B, T, N, H], the written stacked (k, v)).
+  """Stacked cache, read in a prefix window (`decode_attention`): writes the new keys /
+  values [B, K, T, H] at slots [index, index + T) of the layer's part of the stacked [L, ...]
+  cache, then attends over its written slots before index (`mask`) and the T new tokens
+  (`mask_new_BTT`, from registers) in one softmax, so the work follows the index, not the
+  bucket S. Returns (out [B, T, N, H], the written stacked (k, v)).
 
   Write first, then read the written buffer: the read depends on the write, so XLA updates
   the cache (a loop carry of the layer scan) in place instead of copying it.
@@ -338,12 +337,10 @@ def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   k_BKTH = k_BKTH.astype(kc.dtype).astype(k_BKTH.dtype)
   v_BKTH = v_BKTH.astype(vc.dtype).astype(v_BKTH.dtype)
   q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
-  state = decode_attention.fold(
-      decode_attention.init_state(q_BKGTH),
-      decode_attention.scores(q_BKGTH, k_BKTH.transpose(0, 1, 3, 2), mask_new_BTT), v_BKTH)
-  state = decode_attention.fold_cache_prefix(
-      state, q_BKGTH, kc, vc, mask, block_size=cfg.decode_block_size, layer=layer)
-  return attention.ungroup(decode_attention.finish(state, cfg.dtype)), (kc, vc)
+  out_BKGTH = decode_attention.attend_prefix(
+      q_BKGTH, kc, vc, mask, block_size=cfg.decode_block_size, layer=layer,
+      new=(k_BKTH.transpose(0, 1, 3, 2), v_BKTH, mask_new_BTT))
+  return attention.ungroup(out_BKGTH), (kc, vc)
 
 
 def _attend_read_only_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
@@ -512,8 +509,8 @@ class _Masks(NamedTuple):
 def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bool) -> _Masks:
   """Attention masks of [B, T] tokens with segment ids `seg_BT` (0 = padding): same segment,
   key not padding, key at or before the query; over the new tokens and / or the cache's slots,
-  as the layers read them (see `_Masks`). Slot masks are built from segment ids block by block
-  as the cache is read (`decode_attention.SlotMask`), so a step's cost follows the slots read.
+  as the layers read them (see `_Masks`). Slot masks are built from segment ids over the window
+  the cache is read in (`decode_attention.SlotMask`), so a step's cost follows the slots read.
   """
   b, t = seg_BT.shape
   if cache is None:
@@ -657,7 +654,7 @@ class Decoder(nn.Module):
                   masks.mask_new_BTT)
 
   def _reads_stacked_blocks(self, cache_slots: int) -> bool:
-    """Whether a stacked cache is read block by block (`_scanned_cached_layers`): see
+    """Whether a stacked cache is read in a prefix window (`_scanned_cached_layers`): see
     `reads_in_blocks`, and existing parameters (an init runs the `nn.scan`)."""
     return (reads_in_blocks(self.cfg, cache_slots)
             and "layers" in self.variables.get("params", {}))
