@@ -420,3 +420,34 @@ def test_decode_loop_does_not_all_gather_weights(per_layer_cache):
     smp._param_shardings = train_shardings  # the trainer's layout: the count sees the gathers
     smp._fns.clear()
     assert _decode_weight_gathers(smp, cfg, mesh, train_shardings) == 7
+
+
+def test_continuous_decode_loop_does_not_all_gather_weights():
+  """The same count for the continuous-batching decode loop (`continuous.ContinuousSampler`,
+  stacked cache): 0 weight gathers per step in its decode layout, 7 with the trainer's."""
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+  from lad_jax import components, config_utils, continuous  # pylint: disable=g-import-not-at-top
+  mesh = components.make_mesh(config_utils.base_config())
+  cfg = testing.tiny_config("qwen2", intermediate_size=128)
+  train_shardings = models.param_shardings(cfg, mesh)
+  smp = continuous.ContinuousSampler(models.Decoder(cfg), eos_ids=EOS_IDS, pad_id=PAD,
+                                     mesh=mesh, prompt_buckets=(16,), per_layer_cache=False,
+                                     decode_slots=16, refill_rows=8)
+
+  def gathers():
+    fns = smp._fns_for(16, 8, continuous.Sampling(1.0, 1.0, 0))  # pylint: disable=protected-access
+    params = jax.eval_shape(lambda: testing.random_params(cfg))
+    with sharding.use_mesh(mesh):
+      hlo = fns.decode.lower(params, fns.empty.eval_shape(), jax.random.key(0),
+                             np.int32(8)).compile().as_text()
+    weight_shapes = set()
+    for p, s in zip(jax.tree.leaves(params), jax.tree.leaves(train_shardings)):
+      shard = tuple(s.shard_shape(p.shape))
+      weight_shapes |= {shard, shard[1:]}
+    return _weight_all_gathers(hlo, weight_shapes)
+
+  assert gathers() == 0
+  smp._param_shardings = train_shardings  # pylint: disable=protected-access
+  smp._continuous.clear()  # pylint: disable=protected-access
+  assert gathers() == 7
