@@ -48,16 +48,19 @@ def _comparable(row: dict) -> dict:
           and k != "time" and not k.startswith(("timing_s/", "timing_per_token_ms/", "perf/"))}
 
 
-def test_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("batching", ["lock_step", "continuous"])
+def test_two_processes_equal_one(tmp_path, batching):
+  flags = FLAGS + (["--config.sampling.decode_slots=8", "--config.sampling.refill_rows=4"]
+                   if batching == "continuous" else [])
   single = str(tmp_path / "single")
-  subprocess.run([sys.executable, SCRIPT, *FLAGS, f"--config.workdir={single}"],
+  subprocess.run([sys.executable, SCRIPT, *flags, f"--config.workdir={single}"],
                  env=_env(8), check=True, capture_output=True, timeout=600)
 
   multi = str(tmp_path / "multi")
   port = _free_port()
   procs = [
       subprocess.Popen(
-          [sys.executable, SCRIPT, *FLAGS, f"--config.workdir={multi}",
+          [sys.executable, SCRIPT, *flags, f"--config.workdir={multi}",
            "--config.distributed=True"],
           env=_env(4, JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="2",
                    JAX_PROCESS_ID=str(i)),
