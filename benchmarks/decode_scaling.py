@@ -43,7 +43,7 @@ def _decode_fns(cfg, prompts, *, per_layer: bool, slots: int, group: int):
   prefill, decode = smp._compiled_fns(  # pylint: disable=protected-access
       prompt_len=PROMPT_LEN, response_len=slots - PROMPT_LEN, num_prompts=len(prompts),
       group_size=group, temperature=1.0, top_p=1.0, top_k=0)
-  tokens, mask = sampler_lib._left_pad(prompts, PROMPT_LEN, 0)  # pylint: disable=protected-access
+  tokens, mask = sampler_lib.left_pad(prompts, PROMPT_LEN, 0)
   return prefill, decode, tokens, mask
 
 

@@ -153,7 +153,7 @@ def insert(smp: sampler_lib.Sampler, sampling: Sampling, params: Any, slots: Slo
   out = smp.model.apply({"params": params}, refill.tokens_KT, mask_BT=refill.mask_KT,
                         cache=cache, cache_is_empty=True, return_hidden=True,
                         compute_logits=False)
-  logits_KV = smp._lm_logits(params, out.hidden[:, -1])  # pylint: disable=protected-access
+  logits_KV = smp.lm_logits(params, out.hidden[:, -1])
   u_K = sampler_lib.row_uniforms(jax.random.fold_in(key, 0), refill.row_K)
   tok_K, lp_K = sampler_lib.sample_logits(logits_KV, u_K, **sampling._asdict())
   r = slots.tokens_NR.shape[1]
@@ -173,7 +173,7 @@ def _step(smp: sampler_lib.Sampler, sampling: Sampling, params: Any, key: Array,
   """One decode step of every slot: feeds each active row's last token, samples its next one
   (row r's token i from `fold_in(fold_in(key, i), r)`) and writes it at the row's own column."""
   n, r = s.tokens_NR.shape
-  logits_NV, cache = smp._next_logits(params, s.cache, s.tok_N, s.done_N)  # pylint: disable=protected-access
+  logits_NV, cache = smp.next_logits(params, s.cache, s.tok_N, s.done_N)
   draw = lambda i, row: jax.random.uniform(
       jax.random.fold_in(jax.random.fold_in(key, i), row), (), jnp.float32)
   u_N = jax.vmap(draw)(s.step_N, jnp.maximum(s.row_N, 0))
@@ -250,7 +250,7 @@ class ContinuousSampler(sampler_lib.Sampler):
              ) -> sampler_lib.SampleOutput:
     """As `Sampler.sample`; `on_rows` is called with each batch of rows as they end."""
     prompts = self._checked_prompts(prompts)
-    sampler_lib._check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)  # pylint: disable=protected-access
+    sampler_lib.check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)
     num_rows = len(prompts) * group_size
     limits_N = sampler_lib.checked_row_limits(row_limits, num_rows, max_new_tokens)
     prompt_len, response_len = self._bucket_lengths(prompts, max_new_tokens)
@@ -258,12 +258,12 @@ class ContinuousSampler(sampler_lib.Sampler):
       top_p, top_k = 1.0, 0
     fns = self._fns_for(prompt_len, response_len,
                         Sampling(float(temperature), float(top_p), int(top_k)))
-    tokens_PT, mask_PT = sampler_lib._left_pad(prompts, prompt_len, self.pad_id)  # pylint: disable=protected-access
+    tokens_PT, mask_PT = sampler_lib.left_pad(prompts, prompt_len, self.pad_id)
     out = _Outputs(num_rows, response_len, self.pad_id)
     if self.mesh is not None:
       params = jax.device_put(params, self._param_shardings)
     with sharding.use_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-      self._drive(fns, params, sampler_lib._as_typed_key(key), tokens_PT, mask_PT, limits_N,  # pylint: disable=protected-access
+      self._drive(fns, params, sampler_lib.as_typed_key(key), tokens_PT, mask_PT, limits_N,
                   group_size, out, on_rows)
     return self._output(tokens_PT, mask_PT, group_size, out)
 

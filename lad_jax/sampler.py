@@ -269,7 +269,7 @@ def put_host(x: np.ndarray, sharding: jax.sharding.Sharding) -> Array:
   return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
-def _as_typed_key(key: Any) -> Array:
+def as_typed_key(key: Any) -> Array:
   key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
     return key
@@ -309,7 +309,7 @@ def _sample_step(i: Any, logits_NV: Array, key: Array, row_ids_N: Array, limit_N
   return tok_N, done_N, tokens_NR, logp_NR, mask_NR
 
 
-def _check_sampling_args(group_size: int, max_new_tokens: int, temperature: float,
+def check_sampling_args(group_size: int, max_new_tokens: int, temperature: float,
                          top_p: float, top_k: int) -> None:
   """Raises a clear error on a bad `Sampler.sample` argument."""
   if group_size < 1:
@@ -353,7 +353,7 @@ def checked_row_limits(row_limits: Optional[Sequence[int]], num_rows: int,
   return limits
 
 
-def _left_pad(prompts: list[list[int]], prompt_len: int, pad_id: int
+def left_pad(prompts: list[list[int]], prompt_len: int, pad_id: int
               ) -> tuple[np.ndarray, np.ndarray]:
   """Prompts LEFT-padded with pad_id to prompt_len: (tokens [P, Tp] int32, mask [P, Tp] bool).
 
@@ -464,7 +464,7 @@ class Sampler:
 
   # ---------------------------------------------------------------- compiled functions
 
-  def _lm_logits(self, params: Any, hidden_ND: Array) -> Array:
+  def lm_logits(self, params: Any, hidden_ND: Array) -> Array:
     """fp32 logits of the last hidden states, computed as `logprobs.token_logprobs` does."""
     w, spec = logprobs_lib.lm_head(params, self.cfg)
     return jnp.einsum(f"nd,{spec}->nv", hidden_ND.astype(self.cfg.dtype),
@@ -510,21 +510,21 @@ class Sampler:
       out = model.apply({"params": params}, tokens_PT, mask_BT=mask_PT, cache=cache,
                         cache_is_empty=True, return_hidden=True, compute_logits=False)
       # Left padding puts every prompt's last token in the last column.
-      logits_PV = self._lm_logits(params, out.hidden[:, -1])
+      logits_PV = self.lm_logits(params, out.hidden[:, -1])
       logits_NV = jnp.repeat(logits_PV, group_size, axis=0)
       logits_NV = sharding.constrain(logits_NV, ("activation_batch", "activation_vocab"))
       return out.cache.repeat(group_size), logits_NV
 
     return prefill
 
-  def _next_logits(self, params: Any, cache: KVCache, tok_N: Array, done_N: Array
+  def next_logits(self, params: Any, cache: KVCache, tok_N: Array, done_N: Array
                    ) -> tuple[Array, KVCache]:
     """One decode step of the model: feeds each row's last token [N] (padding for finished
     rows: never attended, leaves their positions alone) through the cache; returns the next
     fp32 logits [N, V] and the extended cache."""
     out = self.model.apply({"params": params}, tok_N[:, None], mask_BT=~done_N[:, None],
                            cache=cache, return_hidden=True, compute_logits=False)
-    logits_NV = sharding.constrain(self._lm_logits(params, out.hidden[:, 0]),
+    logits_NV = sharding.constrain(self.lm_logits(params, out.hidden[:, 0]),
                                    ("activation_batch", "activation_vocab"))
     return logits_NV, out.cache
 
@@ -532,7 +532,7 @@ class Sampler:
     """The decode loop to jit: (params, cache, logits [N, V], key, max_new_tokens,
     row_offset, limit_N) -> (tokens [N, R], mask [N, R], logp [N, R], truncated [N], cache).
 
-    A `lax.while_loop` of `sample_step` (a bound `_sample_step`) and `_next_logits` that
+    A `lax.while_loop` of `sample_step` (a bound `_sample_step`) and `next_logits` that
     exits once every row is done (EOS or its limit_N [N] tokens) or max_new_tokens are drawn.
     """
     cfg, pad_id = self.cfg, self.pad_id
@@ -556,7 +556,7 @@ class Sampler:
 
       def body(carry):
         i, cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR = carry
-        logits_NV, cache = self._next_logits(params, cache, tok_N, done_N)
+        logits_NV, cache = self.next_logits(params, cache, tok_N, done_N)
         tok_N, done_N, tokens_NR, logp_NR, mask_NR = sample_step(
             i, logits_NV, key, row_ids_N, limit_N, done_N, tokens_NR, logp_NR, mask_NR)
         return i + 1, cache, tok_N, done_N, tokens_NR, logp_NR, mask_NR
@@ -598,7 +598,7 @@ class Sampler:
       SampleOutput with N = len(prompts) * group_size rows (device arrays).
     """
     prompts = self._checked_prompts(prompts)
-    _check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)
+    check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)
     limits_N = checked_row_limits(row_limits, len(prompts) * group_size, max_new_tokens)
     prompt_len, response_len = self._bucket_lengths(prompts, max_new_tokens)
     if temperature == 0.0:  # greedy ignores truncation: the argmax survives any of it
@@ -614,9 +614,9 @@ class Sampler:
                              num_prompts=per_call, group_size=int(group_size),
                              temperature=float(temperature), top_p=float(top_p),
                              top_k=int(top_k))
-    tokens_PT, mask_PT = _left_pad(prompts, prompt_len, self.pad_id)
+    tokens_PT, mask_PT = left_pad(prompts, prompt_len, self.pad_id)
     tokens_NR, mask_NR, logp_NR, truncated_N = self._run_chunks(
-        params, fns, tokens_PT, mask_PT, _as_typed_key(key), max_new_tokens, limits_N,
+        params, fns, tokens_PT, mask_PT, as_typed_key(key), max_new_tokens, limits_N,
         per_call=per_call, num_calls=num_calls, num_rows=num_prompts * group_size,
         group_size=group_size)
 
