@@ -8,7 +8,7 @@ tokens x G), decoding exactly `new_tokens` tokens (no EOS) into caches of 96, 57
 slots (prompt bucket 32 + response bucket 64, 544, 2080). For each bucket, the stacked cache
 (the GPU / TPU layout: layer scan) and the per-layer cache (CPU's default: layers unrolled),
 with attention over the whole bucket (`decode_block_size=0`, the old path) and over the written
-slots only (`decode_block_size=128`, `lad_jax.models.decode_attention`).
+slots only (prefix windows of the default `decode_block_size`, `lad_jax.models.decode_attention`).
 
 Timed: the jitted decode loop alone (the prefill of each call is done and waited for first),
 the best of `repeats` calls after a warm-up, the buckets timed in turns; ms per step = (time
@@ -30,10 +30,11 @@ import numpy as np
 
 from lad_jax import sampler as sampler_lib
 from lad_jax.models import Decoder, testing
+from lad_jax.models.config import ModelConfig
 
 PROMPT_LEN = 32
 BUCKETS = (96, 576, 2112)
-NEW_BLOCK = 128
+NEW_BLOCK = ModelConfig.decode_block_size  # the default
 
 
 def _decode_fns(cfg, prompts, *, per_layer: bool, slots: int, group: int):

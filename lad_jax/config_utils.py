@@ -87,8 +87,9 @@ def _model_section() -> ConfigDict:
   s.attention_impl = "auto"
   # Most packed sequences per row the cuDNN path handles (train.pack never puts more in a row).
   s.attention_max_segments = 16
-  # Decode reads the KV cache's written slots in blocks of this many (0: the whole bucket).
-  s.decode_block_size = 128
+  # Decode reads a prefix window of the KV cache: the smallest of this x 1, 2, 4, .. that holds
+  # the written slots (0: the whole bucket).
+  s.decode_block_size = 32
   # ModelConfig fields of a random model (source="random"), e.g. testing.TINY.
   s.random = ConfigDict()
   return s

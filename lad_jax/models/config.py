@@ -171,7 +171,7 @@ class ModelConfig:
   attention_impl: str = "auto"
   attention_block_size: int = 128
   attention_max_segments: int = 16
-  decode_block_size: int = 128
+  decode_block_size: int = 32
   bos_token_id: Optional[int] = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: Optional[int] = None
