@@ -339,10 +339,15 @@ def _swiglu_bwd(preferred, out_dtype, res, dy):
   batch = tuple(range(h.ndim - 1))
   dh = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())),
                            preferred_element_type=preferred).astype(h.dtype)
-  # dy^T h, transposed after: XLA:CPU's matmul wants the token (contracting) dim last on the
-  # left, so it copies the left operand transposed; dy [.., D] is the smaller one.
-  dkernel = jax.lax.dot_general(dy, h, ((batch, batch), ((), ())),
-                                preferred_element_type=preferred).T.astype(kernel.dtype)
+  contract = ((batch, batch), ((), ()))
+  if preferred is None:
+    # dy^T h, transposed after: XLA:CPU's matmul wants the token (contracting) dim last on the
+    # left, so it copies the left operand transposed; dy [.., D] is the narrower one. (Its
+    # bf16 x bf16 -> f32 dot of that order has no CPU kernel: low precision keeps h^T dy.)
+    dkernel = jax.lax.dot_general(dy, h, contract).T
+  else:
+    dkernel = jax.lax.dot_general(h, dy, contract, preferred_element_type=preferred)
+  dkernel = dkernel.astype(kernel.dtype)
   silu = gate * sig
   dgate = dh * up * (sig + silu * (1 - sig))  # d silu / d gate = s + g s (1 - s)
   return dgate, dh * silu, dkernel
