@@ -146,18 +146,25 @@ def run_ours(args, spec: Mapping[str, Any]) -> dict:
   stream = tasks.PromptStream(c.task.train, c.encode, seed=config.seed,
                               shuffle=config.data.shuffle)
   key = jax.random.fold_in(jax.random.key(config.seed), components.ROLLOUT_KEY)
+  update_usage = _Usage()
+  c = c._replace(train_step=update_usage.wrap(c.train_step))
   rows = []
   try:
     for step in range(args.warmup + args.steps):
-      t0 = time.perf_counter()
+      t0, step_usage = time.perf_counter(), _Usage.now()
+      update_usage.reset()
       out = rl.rl_step(state, stream, jax.random.fold_in(key, step), c=c, loop=loop)
       state = out.state
       wall = time.perf_counter() - t0
       m = out.metrics
-      print(f"ours: step {step + 1} {wall:.2f} s", file=sys.stderr, flush=True)
+      cpu = _Usage.since(step_usage)
+      print(f"ours: step {step + 1} {wall:.2f} s (process: {cpu}; its update: "
+            f"{update_usage})", file=sys.stderr, flush=True)
       rows.append(dict(
           step_s=wall, gen_s=m["timing_s/gen"], reward_s=m["timing_s/reward"],
           update_s=m["timing_s/update_actor"], tokens=int(out.rollout.lengths.sum()),
+          update_user=update_usage.total["user"], update_sys=update_usage.total["sys"],
+          update_faults=update_usage.total["faults"],
           reward=m["critic/score/mean"],
           records=[int(i) for i in out.rollout.prompt_index[::loop.sample.group_size]]))
   finally:
@@ -166,6 +173,46 @@ def run_ours(args, spec: Mapping[str, Any]) -> dict:
     raise RuntimeError("Our stream took other prompts than the parent handed TRL.")
   return dict(steps=rows, backend=f"jax {jax.__version__} ({jax.devices()[0].platform})",
               load=os.getloadavg()[0])
+
+
+class _Usage:
+  """This process's CPU seconds (user, system) and minor page faults, summed over the calls of
+  wrapped functions (each waited for): XLA:CPU's temporaries that land on fresh heap pages
+  are page-faulted in, which shows as system time."""
+
+  def __init__(self):
+    self.total = dict(user=0.0, sys=0.0, faults=0)
+
+  def reset(self):
+    self.total = dict(user=0.0, sys=0.0, faults=0)
+
+  @staticmethod
+  def now():
+    import resource  # pylint: disable=g-import-not-at-top
+    return resource.getrusage(resource.RUSAGE_SELF)
+
+  @staticmethod
+  def since(start) -> str:
+    end = _Usage.now()
+    return (f"user {end.ru_utime - start.ru_utime:.2f} s, sys {end.ru_stime - start.ru_stime:.2f}"
+            f" s, {end.ru_minflt - start.ru_minflt} faults")
+
+  def wrap(self, fn: Callable) -> Callable:
+    import jax  # pylint: disable=g-import-not-at-top
+
+    def timed(*a, **kw):
+      start = self.now()
+      out = jax.block_until_ready(fn(*a, **kw))
+      end = self.now()
+      self.total["user"] += end.ru_utime - start.ru_utime
+      self.total["sys"] += end.ru_stime - start.ru_stime
+      self.total["faults"] += end.ru_minflt - start.ru_minflt
+      return out
+    return timed
+
+  def __str__(self):
+    t = self.total
+    return f"user {t['user']:.2f} s, sys {t['sys']:.2f} s, {t['faults']} faults"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -336,6 +383,11 @@ def _print(args, ours: dict, theirs: dict, spec: dict, config) -> None:
     print(f"{name} seconds per step (warm-up first): "
           + " ".join(f"{x:.2f}" for x in r["per_step"])
           + f"; 1-min load average at its end {res['load']:.2f}")
+  timed = ours["steps"][args.warmup:]
+  print("ours update, CPU seconds per step (both threads): user "
+        f"{statistics.fmean(r['update_user'] for r in timed):.2f}, system "
+        f"{statistics.fmean(r['update_sys'] for r in timed):.2f}; page faults "
+        f"{statistics.fmean(r['update_faults'] for r in timed):.0f}")
   print("(ours: prep = gen + reward; TRL: prep = generate + decode + reward + old log-probs + "
         "advantages; update = the 2 optimizer steps)")
   print(f"ours_over_trl_per_token={b['ms_per_token'] / a['ms_per_token']:.3f}")
