@@ -1,9 +1,13 @@
 """Continuous batching vs lock-step batching at the same slot count, on long-tailed lengths.
 
   python benchmarks/continuous_batching.py [--rows 256] [--slots 64] [--max_new 1024]
-      [--repeats 2] [--per_layer] [--clock wall|cpu]
+      [--repeats 2] [--per_layer] [--clock wall|cpu] [--model tiny|small]
 
-A tiny random Qwen2 (`lad_jax.models.testing.tiny_config`), `rows` rows (prompts of 32 tokens
+A tiny random Qwen2 (`lad_jax.models.testing.tiny_config`: 2 layers, hidden 64, vocab 128, so a
+decode step is nearly all KV-cache reads), or with `--model small` one whose weights weigh about
+what a step's KV reads do, as in a 7B model at thousands of tokens (4 layers, hidden 256, 4
+heads over 1 kv head of 64, MLP 768, vocab 8192: 5M parameters, 2 KB of cache per token),
+`rows` rows (prompts of 32 tokens
 x G 4), no EOS: every row's length is forced (`row_limits`) and drawn once from a lognormal
 with mean 0.3 x max_new (sigma 1, clipped to [1, max_new]), the long tail of RLVR responses.
 Both samplers decode `slots` rows at a time and produce the same rows (tests/test_continuous.py):
@@ -32,6 +36,8 @@ from lad_jax.models import Decoder, testing
 
 PROMPT_LEN = 32
 GROUP = 4
+MODELS = {"tiny": {}, "small": dict(hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=1,
+                                     head_dim=64, intermediate_size=768, vocab_size=8192)}
 
 
 def _lengths(rows: int, max_new: int, seed: int = 0) -> np.ndarray:
@@ -67,9 +73,10 @@ def main() -> None:
   ap.add_argument("--repeats", type=int, default=2)
   ap.add_argument("--per_layer", action="store_true", help="the per-layer cache (CPU default)")
   ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
+  ap.add_argument("--model", choices=tuple(MODELS), default="tiny")
   args = ap.parse_args()
   clock = time.perf_counter if args.clock == "wall" else time.process_time
-  cfg = testing.tiny_config("qwen2")
+  cfg = testing.tiny_config("qwen2", **MODELS[args.model])
   params = jax.tree.map(jnp.asarray, testing.random_params(cfg))
   rng = np.random.default_rng(1)
   prompts = [rng.integers(1, cfg.vocab_size, PROMPT_LEN).tolist()
@@ -88,7 +95,8 @@ def main() -> None:
   print(f"device={jax.devices()[0].platform} rows={len(limits)} slots={args.slots} "
         f"max_new={args.max_new} lengths: mean {limits.mean():.0f} median "
         f"{np.median(limits):.0f} max {limits.max()} (lognormal, mean 0.3 x max) "
-        f"cache={'per-layer' if args.per_layer else 'stacked'} clock={args.clock}")
+        f"cache={'per-layer' if args.per_layer else 'stacked'} clock={args.clock} "
+        f"model={args.model}")
   print(f"{'batching':>11} {'seconds':>8} {'useful tok/s':>13}")
   rate = {}
   for name in samplers:

@@ -21,6 +21,7 @@ import numpy as np
 
 from lad_jax import advantages as advantages_lib
 from lad_jax import packing
+from lad_jax import sampler as sampler_lib
 from lad_jax import train as train_lib
 
 
@@ -79,11 +80,7 @@ class Collected(NamedTuple):
   verify_s: float  # seconds in the verifier
 
 
-def to_host(x: Any) -> np.ndarray:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-  return np.asarray(jax.device_get(x))
+to_host = sampler_lib.to_host
 
 
 def _objects(values) -> np.ndarray:

@@ -259,6 +259,15 @@ def sample_logits(logits_NV: Array, u_N: Array, *, temperature: float, top_k: in
   return tokens_N, logp_N
 
 
+def to_host(x: Any) -> np.ndarray:
+  """A global array on the host, whole on every process (an all-gather on several hosts,
+  where a process holds only its devices' shards)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(jax.device_get(x))
+
+
 def put_host(x: np.ndarray, sharding: jax.sharding.Sharding) -> Array:
   """A host array, the same on every process, as a global array with `sharding`.
 
@@ -633,8 +642,8 @@ class Sampler:
     out = self.trimmed(out)
     if on_rows is not None:
       on_rows(FinishedRows(rows=np.arange(num_prompts * group_size),
-                           response_tokens=np.asarray(out.response_tokens),
-                           lengths=np.asarray(out.lengths)))
+                           response_tokens=to_host(out.response_tokens),
+                           lengths=to_host(out.lengths)))
     return out
 
   def trimmed_width(self, lengths_N: np.ndarray, response_len: int) -> int:
@@ -648,7 +657,7 @@ class Sampler:
     """`out` with its response columns cut to `trimmed_width` (nothing past a row's end is
     dropped: those columns are padding)."""
     r = out.response_tokens.shape[1]
-    width = self.trimmed_width(np.asarray(out.lengths), r)
+    width = self.trimmed_width(to_host(out.lengths), r)
     if width == r:
       return out
     cut = lambda x: self._rows(x[:, :width])
@@ -766,8 +775,8 @@ def cut_at_stop_strings(tok_NR: np.ndarray, msk_NR: np.ndarray, lp_NR: np.ndarra
 def apply_stop_strings(out: SampleOutput, *, stop_strings: Sequence[str], tokenizer: Any,
                        pad_id: int) -> SampleOutput:
   """`cut_at_stop_strings` of a `SampleOutput` (host side; the arrays go back where they were)."""
-  tok, msk = np.array(out.response_tokens), np.array(out.response_mask)
-  lp, trunc = np.array(out.logp), np.array(out.truncated)
+  tok, msk = to_host(out.response_tokens).copy(), to_host(out.response_mask).copy()
+  lp, trunc = to_host(out.logp).copy(), to_host(out.truncated).copy()
   cut_at_stop_strings(tok, msk, lp, trunc, stop_strings=stop_strings, tokenizer=tokenizer,
                       pad_id=pad_id)
   put = lambda new, old: put_host(new, old.sharding)

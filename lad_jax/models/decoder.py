@@ -220,74 +220,8 @@ class Mlp(nn.Module):
     d, f = (cfg.hidden_size,), (cfg.intermediate_size,)
     gate = Linear(cfg, d, f, ("embed",), ("mlp",), name="gate_proj")(x_BTD)
     up = Linear(cfg, d, f, ("embed",), ("mlp",), name="up_proj")(x_BTD)
-    return SwiGluDown(cfg, name="down_proj")(sharding.constrain(gate, ACT_BTF),
-                                             sharding.constrain(up, ACT_BTF))
-
-
-class SwiGluDown(nn.Module):
-  """down_proj(silu(gate) * up): `Linear`'s down projection (same parameter) on the SwiGLU
-  product, through `swiglu_project`, whose backward pass keeps only gate and up."""
-
-  cfg: ModelConfig
-
-  @nn.compact
-  def __call__(self, gate_BTF: Array, up_BTF: Array) -> Array:
-    cfg = self.cfg
-    f, d = cfg.intermediate_size, cfg.hidden_size
-    kernel = self.param("kernel", _init(cfg, ("mlp", "embed")), (f, d),
-                        jnp.dtype(cfg.param_dtype))
-    dtype = jnp.dtype(cfg.dtype)
-    low = dtype.itemsize < 4  # as Linear: fp32 accumulation, rounded once to dtype
-    return swiglu_project(gate_BTF, up_BTF, kernel.astype(dtype), jnp.float32 if low else None,
-                          dtype if low else None)
-
-
-def _silu_parts(gate: Array, up: Array) -> tuple[Array, Array]:
-  """(sigmoid(gate), silu(gate) * up), in gate's dtype, as `nn.silu` computes them."""
-  sig = jax.nn.sigmoid(gate)
-  return sig, gate * sig * up
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def swiglu_project(gate: Array, up: Array, kernel: Array, preferred: Any = None,
-                   out_dtype: Any = None) -> Array:
-  """y[..., d] = (silu(gate) * up)[..., f] . kernel[f, d], as `project` of the product.
-
-  The same values and gradients (up to float rounding) as autodiff of `project(nn.silu(gate) *
-  up, kernel)`, but the backward pass saves only gate and up and recomputes the product and
-  sigmoid(gate) from them (a cheap elementwise pass): autodiff kept sigmoid(gate), silu(gate),
-  their product and more, four more [B, T, F] tensors per layer, about a quarter of the train
-  step's temporary memory for SmolLM2-135M (each step page-faults what it cannot reuse).
-  """
-  return _contract_trailing(_silu_parts(gate, up)[1], kernel, 1, preferred, out_dtype)
-
-
-def _swiglu_fwd(gate, up, kernel, preferred, out_dtype):
-  return swiglu_project(gate, up, kernel, preferred, out_dtype), (gate, up, kernel)
-
-
-def _swiglu_bwd(preferred, out_dtype, res, dy):
-  del out_dtype
-  gate, up, kernel = res
-  sig, h = _silu_parts(gate, up)
-  batch = tuple(range(h.ndim - 1))
-  dh = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())),
-                           preferred_element_type=preferred).astype(h.dtype)
-  contract = ((batch, batch), ((), ()))
-  if preferred is None:
-    # dy^T h, transposed after: XLA:CPU's matmul wants the token (contracting) dim last on the
-    # left, so it copies the left operand transposed; dy [.., D] is the narrower one. (Its
-    # bf16 x bf16 -> f32 dot of that order has no CPU kernel: low precision keeps h^T dy.)
-    dkernel = jax.lax.dot_general(dy, h, contract).T
-  else:
-    dkernel = jax.lax.dot_general(h, dy, contract, preferred_element_type=preferred)
-  dkernel = dkernel.astype(kernel.dtype)
-  silu = gate * sig
-  dgate = dh * up * (sig + silu * (1 - sig))  # d silu / d gate = s + g s (1 - s)
-  return dgate, dh * silu, dkernel
-
-
-swiglu_project.defvjp(_swiglu_fwd, _swiglu_bwd)
+    h_BTF = sharding.constrain(nn.silu(gate) * up, ACT_BTF)
+    return Linear(cfg, f, d, ("mlp",), ("embed",), name="down_proj")(h_BTF)
 
 
 def _mask_bias(mask_BTS: Array) -> Array:
