@@ -23,7 +23,7 @@ segment ids, built only over the window read (`SlotMask`).
 from __future__ import annotations
 
 import functools
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

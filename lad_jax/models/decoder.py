@@ -46,7 +46,6 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple, Optional
 
-import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
