@@ -102,12 +102,7 @@ class _Fns(NamedTuple):
   take: Any
 
 
-class Sampling(NamedTuple):
-  """Static sampling parameters of a call (see `sampler.sample_logits`)."""
-
-  temperature: float
-  top_p: float
-  top_k: int
+Sampling = sampler_lib.Sampling
 
 
 # ------------------------------------------------------------------------------------------------
@@ -249,15 +244,10 @@ class ContinuousSampler(sampler_lib.Sampler):
              on_rows: Optional[Callable[[sampler_lib.FinishedRows], None]] = None
              ) -> sampler_lib.SampleOutput:
     """As `Sampler.sample`; `on_rows` is called with each batch of rows as they end."""
-    prompts = self._checked_prompts(prompts)
-    sampler_lib.check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)
+    prompts, limits_N, prompt_len, response_len, sampling = self._setup(
+        prompts, group_size, max_new_tokens, temperature, top_p, top_k, row_limits)
     num_rows = len(prompts) * group_size
-    limits_N = sampler_lib.checked_row_limits(row_limits, num_rows, max_new_tokens)
-    prompt_len, response_len = self._bucket_lengths(prompts, max_new_tokens)
-    if temperature == 0.0:
-      top_p, top_k = 1.0, 0
-    fns = self._fns_for(prompt_len, response_len,
-                        Sampling(float(temperature), float(top_p), int(top_k)))
+    fns = self._fns_for(prompt_len, response_len, sampling)
     tokens_PT, mask_PT = sampler_lib.left_pad(prompts, prompt_len, self.pad_id)
     out = _Outputs(num_rows, response_len, self.pad_id)
     if self.mesh is not None:
@@ -312,11 +302,10 @@ class ContinuousSampler(sampler_lib.Sampler):
     ended = jax.tree.map(lambda x: np.asarray(x)[:slot.size],
                          fns.take(slots, self._put(padded, (None,))))
     rows = occupant[slot]
-    tok, lp = ended.tokens_KR.copy(), ended.logp_KR.copy()
+    tok, lp = ended.tokens_KR.copy(), ended.logp_KR.copy()  # pad_id / 0 after the end
     msk = np.arange(tok.shape[1])[None, :] < ended.length_K[:, None]
     last = tok[np.arange(slot.size), np.maximum(ended.length_K - 1, 0)]
     trunc = ~np.isin(last, np.asarray(self.eos_ids, np.int32))
-    tok[~msk], lp[~msk] = self.pad_id, 0.0
     if self.stop_strings:
       sampler_lib.cut_at_stop_strings(tok, msk, lp, trunc, stop_strings=self.stop_strings,
                                       tokenizer=self.tokenizer, pad_id=self.pad_id)

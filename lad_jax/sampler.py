@@ -333,6 +333,14 @@ def check_sampling_args(group_size: int, max_new_tokens: int, temperature: float
     raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}.")
 
 
+class Sampling(NamedTuple):
+  """A call's sampling parameters (see `sample_logits`), a key of its compiled functions."""
+
+  temperature: float
+  top_p: float
+  top_k: int
+
+
 class FinishedRows(NamedTuple):
   """Rows whose response is final, on the host (for `Sampler.sample`'s on_rows).
 
@@ -606,12 +614,8 @@ class Sampler:
     Returns:
       SampleOutput with N = len(prompts) * group_size rows (device arrays).
     """
-    prompts = self._checked_prompts(prompts)
-    check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)
-    limits_N = checked_row_limits(row_limits, len(prompts) * group_size, max_new_tokens)
-    prompt_len, response_len = self._bucket_lengths(prompts, max_new_tokens)
-    if temperature == 0.0:  # greedy ignores truncation: the argmax survives any of it
-      top_p, top_k = 1.0, 0
+    prompts, limits_N, prompt_len, response_len, sampling = self._setup(
+        prompts, group_size, max_new_tokens, temperature, top_p, top_k, row_limits)
     num_prompts = len(prompts)
     per_call, num_calls = self._chunking(num_prompts, group_size)
     # The last chunk is padded with copies of the first prompt (rows dropped below), so every
@@ -621,8 +625,7 @@ class Sampler:
                       constant_values=1)
     fns = self._compiled_fns(prompt_len=prompt_len, response_len=response_len,
                              num_prompts=per_call, group_size=int(group_size),
-                             temperature=float(temperature), top_p=float(top_p),
-                             top_k=int(top_k))
+                             **sampling._asdict())
     tokens_PT, mask_PT = left_pad(prompts, prompt_len, self.pad_id)
     tokens_NR, mask_NR, logp_NR, truncated_N = self._run_chunks(
         params, fns, tokens_PT, mask_PT, as_typed_key(key), max_new_tokens, limits_N,
@@ -645,6 +648,21 @@ class Sampler:
                            response_tokens=to_host(out.response_tokens),
                            lengths=to_host(out.lengths)))
     return out
+
+  def _setup(self, prompts: Sequence[Sequence[int]], group_size: int, max_new_tokens: int,
+             temperature: float, top_p: float, top_k: int,
+             row_limits: Optional[Sequence[int]]
+             ) -> tuple[list[list[int]], np.ndarray, int, int, Sampling]:
+    """A `sample` call's checked inputs: (prompts, row limits [N], prompt bucket Tp, response
+    length R, sampling parameters); raises a clear error on a bad one."""
+    prompts = self._checked_prompts(prompts)
+    check_sampling_args(group_size, max_new_tokens, temperature, top_p, top_k)
+    limits_N = checked_row_limits(row_limits, len(prompts) * group_size, max_new_tokens)
+    prompt_len, response_len = self._bucket_lengths(prompts, max_new_tokens)
+    if temperature == 0.0:  # greedy ignores truncation: the argmax survives any of it
+      top_p, top_k = 1.0, 0
+    return (prompts, limits_N, prompt_len, response_len,
+            Sampling(float(temperature), float(top_p), int(top_k)))
 
   def trimmed_width(self, lengths_N: np.ndarray, response_len: int) -> int:
     """Response columns kept: the longest length rounded up to `length_bucket` (<= R)."""

@@ -57,12 +57,12 @@ def test_prefix_window_equals_one_softmax_over_the_written_slots(block_size, num
   np.testing.assert_allclose(got, _numpy_attention(q, k, v, want), atol=2e-6)
 
 
-def test_slot_mask_blocks_tile_the_full_mask():
+def test_slot_mask_prefixes_are_the_full_masks_first_slots():
   q, k, v, mask, want = _inputs(3)
   del q, k, v
   np.testing.assert_array_equal(mask.full(), want)
-  np.testing.assert_array_equal(
-      np.concatenate([mask.block(jnp.int32(s), 5) for s in range(0, S, 5)], -1), want)
+  for w in (1, 7, S):
+    np.testing.assert_array_equal(mask.prefix(w), want[..., :w])
 
 
 def test_stacked_layer_and_new_tokens_in_one_softmax():
@@ -142,6 +142,6 @@ def test_small_caches_are_read_whole():
   decode_block_size=0 never."""
   from lad_jax.models import decoder as decoder_lib
   cfg = testing.tiny_config("qwen2", decode_block_size=128)
-  assert not decoder_lib.reads_in_blocks(cfg, 256)
-  assert decoder_lib.reads_in_blocks(cfg, 257)
-  assert not decoder_lib.reads_in_blocks(cfg.replace(decode_block_size=0), 10_000)
+  assert not decoder_lib.reads_prefix_window(cfg, 256)
+  assert decoder_lib.reads_prefix_window(cfg, 257)
+  assert not decoder_lib.reads_prefix_window(cfg.replace(decode_block_size=0), 10_000)

@@ -61,7 +61,7 @@ class SlotMask(NamedTuple):
   """Which cache slots each query attends, from segment ids, never a stored [B, T, S] mask.
 
   Query t of row b attends slot s iff slot_seg_BS[b, s] == query_seg_BT[b, t] != 0 and
-  s < limit_BT[b, t]. A decode step builds the mask of each block it reads (`block`), so its
+  s < limit_BT[b, t]. A decode step builds the mask of the window it reads (`prefix`), so its
   cost follows the slots read, not the bucket; a whole-cache read builds it once (`full`).
 
   query_seg_BT: [B, T] int32 segment ids of the queries (0 = padding: attends nothing).
@@ -76,11 +76,9 @@ class SlotMask(NamedTuple):
   limit_BT: Array
   num_slots: Array
 
-  def block(self, start: Array, size: int) -> Array:
-    """[B, T, size] bool over slots [start, start + size)."""
-    b = self.slot_seg_BS.shape[0]
-    seg_BC = jax.lax.dynamic_slice(self.slot_seg_BS, (0, start), (b, size))
-    return self._over(seg_BC, start + jnp.arange(size, dtype=jnp.int32))
+  def prefix(self, size: int) -> Array:
+    """[B, T, size] bool over slots [0, size)."""
+    return self._over(self.slot_seg_BS[:, :size], jnp.arange(size, dtype=jnp.int32))
 
   def full(self) -> Array:
     """[B, T, S] bool over every slot."""
@@ -136,7 +134,7 @@ def attend_prefix(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_s
 
   def read(w: int) -> Array:
     kb_BKHW, vb_BKWH = _read_prefix(k, v, layer, w)
-    s_BKGTW = scores(q_BKGTH, kb_BKHW, mask.block(jnp.int32(0), w))
+    s_BKGTW = scores(q_BKGTH, kb_BKHW, mask.prefix(w))
     if new is None:
       p_BKGTW = jax.nn.softmax(s_BKGTW, axis=-1).astype(dtype)
       return jnp.einsum("bkgts,bksh->bkgth", p_BKGTW, vb_BKWH.astype(dtype))

@@ -279,7 +279,7 @@ def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
   return attention.attend(q_BTNH, k_BKTH, v_BKTH, seg_BT, cfg)
 
 
-def reads_in_blocks(cfg: ModelConfig, cache_slots: int) -> bool:
+def reads_prefix_window(cfg: ModelConfig, cache_slots: int) -> bool:
   """Whether a cached step reads a prefix window of the cache (`decode_attention`): with
   `cfg.decode_block_size` > 0 and a cache of more than two blocks. A cache of one or two blocks
   is read whole: there the window's switch and slot masks cost about what the unwritten slots
@@ -305,7 +305,7 @@ def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   cv = write_slots(cv, v_BKTH, index, batch_axis=0, slot_axis=2)
   ck = sharding.constrain(ck, CACHE_BKHS)
   cv = sharding.constrain(cv, CACHE_BKSH)
-  if reads_in_blocks(cfg, ck.shape[-1]):
+  if reads_prefix_window(cfg, ck.shape[-1]):
     q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
     out_BTNH = attention.ungroup(decode_attention.attend_prefix(
         q_BKGTH, ck, cv, mask, block_size=cfg.decode_block_size))
@@ -315,7 +315,7 @@ def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   return out_BTNH, (ck, cv)
 
 
-def _attend_stacked_cache_blocks(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
+def _attend_stacked_cache_window(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
                                  layer_cache: decode_attention.StackedLayerCache,
                                  mask: decode_attention.SlotMask, mask_new_BTT: Array,
                                  cfg: ModelConfig) -> tuple[Array, tuple[Array, Array]]:
@@ -388,7 +388,7 @@ class Attention(nn.Module):
     cfg = self.cfg
     q_BTNH, k_BKTH, v_BKTH = self._qkv(x_BTD, sin_BTh, cos_BTh)
     if isinstance(layer_cache, decode_attention.StackedLayerCache):  # write, then read
-      out_BTNH, new_kv = _attend_stacked_cache_blocks(q_BTNH, k_BKTH, v_BKTH, layer_cache,
+      out_BTNH, new_kv = _attend_stacked_cache_window(q_BTNH, k_BKTH, v_BKTH, layer_cache,
                                                       mask, mask_new_BTT, cfg)
     elif layer_cache is not None and len(layer_cache) == 3:  # per-layer: write, then read
       out_BTNH, new_kv = _attend_written_cache(q_BTNH, k_BKTH, v_BKTH, layer_cache, mask,
@@ -615,7 +615,7 @@ class Decoder(nn.Module):
     x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
     # Whether the layers write their new slots into the cache themselves (then read it).
     layers_wrote = masks.layer_caches is not None and (
-        cache.per_layer or self._reads_stacked_blocks(cache.max_length))
+        cache.per_layer or self._reads_stacked_window(cache.max_length))
     if layers_wrote and cache.per_layer:
       x_BTD, new_kv = self._unrolled_layers(x_BTD, masks.layer_caches, cache.index, sin_BTh,
                                             cos_BTh, masks.mask)
@@ -652,10 +652,10 @@ class Decoder(nn.Module):
     return layers(x_BTD, masks.layer_caches, sin_BTh, cos_BTh, masks.mask,
                   masks.mask_new_BTT)
 
-  def _reads_stacked_blocks(self, cache_slots: int) -> bool:
+  def _reads_stacked_window(self, cache_slots: int) -> bool:
     """Whether a stacked cache is read in a prefix window (`_scanned_cached_layers`): see
-    `reads_in_blocks`, and existing parameters (an init runs the `nn.scan`)."""
-    return (reads_in_blocks(self.cfg, cache_slots)
+    `reads_prefix_window`, and existing parameters (an init runs the `nn.scan`)."""
+    return (reads_prefix_window(self.cfg, cache_slots)
             and "layers" in self.variables.get("params", {}))
 
   def _scanned_cached_layers(self, x_BTD: Array, masks: _Masks, index: Array, sin_BTh: Array,
