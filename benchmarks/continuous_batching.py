@@ -33,6 +33,7 @@ import numpy as np
 
 from lad_jax import continuous, sampler as sampler_lib
 from lad_jax.models import Decoder, testing
+from lad_jax.models.config import ModelConfig
 
 PROMPT_LEN = 32
 GROUP = 4
@@ -74,9 +75,14 @@ def main() -> None:
   ap.add_argument("--per_layer", action="store_true", help="the per-layer cache (CPU default)")
   ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
   ap.add_argument("--model", choices=tuple(MODELS), default="tiny")
+  ap.add_argument("--attention", choices=("ragged", "window"), default="ragged",
+                  help="decode_attention of both samplers")
+  ap.add_argument("--block", type=int, default=ModelConfig.decode_block_size,
+                  help="decode_block_size of both samplers")
   args = ap.parse_args()
   clock = time.perf_counter if args.clock == "wall" else time.process_time
-  cfg = testing.tiny_config("qwen2", **MODELS[args.model])
+  cfg = testing.tiny_config("qwen2", decode_attention=args.attention,
+                            decode_block_size=args.block, **MODELS[args.model])
   params = jax.tree.map(jnp.asarray, testing.random_params(cfg))
   rng = np.random.default_rng(1)
   prompts = [rng.integers(1, cfg.vocab_size, PROMPT_LEN).tolist()
@@ -96,7 +102,7 @@ def main() -> None:
         f"max_new={args.max_new} lengths: mean {limits.mean():.0f} median "
         f"{np.median(limits):.0f} max {limits.max()} (lognormal, mean 0.3 x max) "
         f"cache={'per-layer' if args.per_layer else 'stacked'} clock={args.clock} "
-        f"model={args.model}")
+        f"model={args.model} decode_attention={args.attention} block={args.block}")
   print(f"{'batching':>11} {'seconds':>8} {'useful tok/s':>13}")
   rate = {}
   for name in samplers:

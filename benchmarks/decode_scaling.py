@@ -8,7 +8,9 @@ tokens x G), decoding exactly `new_tokens` tokens (no EOS) into caches of 96, 57
 slots (prompt bucket 32 + response bucket 64, 544, 2080). For each bucket, the stacked cache
 (the GPU / TPU layout: layer scan) and the per-layer cache (CPU's default: layers unrolled),
 with attention over the whole bucket (`decode_block_size=0`, the old path) and over the written
-slots only (prefix windows of the default `decode_block_size`, `lad_jax.models.decode_attention`).
+slots only (`lad_jax.models.decode_attention`, blocks of the default `decode_block_size`):
+"window" reads the prefix window that holds the longest row, "ragged" (the default) each
+row's own written blocks.
 
 Timed: the jitted decode loop alone (the prefill of each call is done and waited for first),
 the best of `repeats` calls after a warm-up, the buckets timed in turns; ms per step = (time
@@ -16,7 +18,7 @@ of new_tokens tokens - time of 1 token) / (new_tokens - 1), so the per-call cost
 loop is left out (each step feeds a token through the model and samples the next). Other load
 on the machine makes single numbers noisy: compare within a run (`--clock cpu` is steadier).
 Prints a table and ratios; the last line is `bucket_cost_ratio=<ms at 2112 / ms at 96>` of the
-new attention on the stacked cache.
+ragged reads on the stacked cache.
 """
 
 from __future__ import annotations
@@ -79,7 +81,8 @@ def main() -> None:
   ap.add_argument("--rows", type=int, default=64)
   ap.add_argument("--new_tokens", type=int, default=32)
   ap.add_argument("--repeats", type=int, default=5)
-  ap.add_argument("--block", type=int, default=NEW_BLOCK, help="decode_block_size of 'new'")
+  ap.add_argument("--block", type=int, default=NEW_BLOCK,
+                  help="decode_block_size of window and ragged")
   ap.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                   help="cpu: this process's CPU time, steadier on a machine shared with other "
                        "jobs")
@@ -92,14 +95,15 @@ def main() -> None:
   prompts = [rng.integers(1, base.vocab_size, PROMPT_LEN).tolist()
              for _ in range(args.rows // group)]
   print(f"device={jax.devices()[0].platform} rows={args.rows} new_tokens={args.new_tokens} "
-        f"prompt={PROMPT_LEN} clock={args.clock} new=decode_block_size {args.block}; "
+        f"prompt={PROMPT_LEN} clock={args.clock} decode_block_size {args.block}; "
         "ms per decode step")
   print(f"{'cache':>9} {'attention':>10} " + " ".join(f"{s:>8}" for s in BUCKETS)
         + "  2112/96")
   ms = {}
   for per_layer in (False, True):
-    for name, block in (("old", 0), ("new", args.block)):
-      cfg = base.replace(decode_block_size=block)
+    for name, block in (("old", 0), ("window", args.block), ("ragged", args.block)):
+      cfg = base.replace(decode_block_size=block,
+                         decode_attention="window" if name == "window" else "ragged")
       row = _ms_per_step(cfg, params, prompts, per_layer=per_layer, group=group,
                          new_tokens=args.new_tokens, repeats=args.repeats, clock=clock)
       ms[per_layer, name] = row
@@ -107,11 +111,12 @@ def main() -> None:
       print(f"{layout:>9} {name:>10} " + " ".join(f"{m:8.2f}" for m in row)
             + f"  {row[-1] / row[0]:7.2f}")
   for per_layer in (False, True):
-    old, new = ms[per_layer, "old"], ms[per_layer, "new"]
+    old, window, ragged = (ms[per_layer, n] for n in ("old", "window", "ragged"))
     layout = "per-layer" if per_layer else "stacked"
-    print(f"{layout}: old/new at {BUCKETS[-1]} slots = {old[-1] / new[-1]:.2f}")
-  new = ms[False, "new"]
-  print(f"bucket_cost_ratio={new[-1] / new[0]:.3f}")
+    print(f"{layout}: at {BUCKETS[-1]} slots old/ragged = {old[-1] / ragged[-1]:.2f}, "
+          f"window/ragged = {window[-1] / ragged[-1]:.2f}")
+  ragged = ms[False, "ragged"]
+  print(f"bucket_cost_ratio={ragged[-1] / ragged[0]:.3f}")
 
 
 if __name__ == "__main__":

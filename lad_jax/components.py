@@ -34,7 +34,7 @@ def model_overrides(config) -> dict[str, Any]:
   m = config.model
   return dict(param_dtype=m.param_dtype, dtype=m.dtype, remat_policy=m.remat_policy,
               attention_impl=m.attention_impl, attention_max_segments=m.attention_max_segments,
-              decode_block_size=m.decode_block_size)
+              decode_block_size=m.decode_block_size, decode_attention=m.decode_attention)
 
 
 def load_model(config, mesh) -> tuple[Any, Any]:
@@ -154,8 +154,10 @@ def make_sampler(config, model_cfg, tokenizer, mesh) -> Any:
             tokenizer=tokenizer if s.stop_strings else None,
             length_bucket=config.train.get("pack_length_bucket", 0))
   if s.get("decode_slots", 0):
-    return continuous.ContinuousSampler(Decoder(model_cfg), decode_slots=s.decode_slots,
-                                        refill_rows=s.get("refill_rows", 0) or None, **kw)
+    return continuous.ContinuousSampler(
+        Decoder(model_cfg), decode_slots=s.decode_slots,
+        refill_rows=s.get("refill_rows", 0) or None,
+        min_decode_slots=s.get("min_decode_slots", 0) or None, **kw)
   return Sampler(Decoder(model_cfg), rows_per_call=s.rows_per_call, **kw)
 
 

@@ -90,6 +90,8 @@ def _model_section() -> ConfigDict:
   # Decode reads a prefix window of the KV cache: the smallest of this x 1, 2, 4, .. that holds
   # the written slots (0: the whole bucket).
   s.decode_block_size = 32
+  # ragged: each row reads its own written blocks; window: every row the longest row's window.
+  s.decode_attention = "ragged"
   # ModelConfig fields of a random model (source="random"), e.g. testing.TINY.
   s.random = ConfigDict()
   return s
@@ -157,6 +159,9 @@ def _sampling_section() -> ConfigDict:
   s.decode_slots = 0
   # Slots refilled together (one prefill); 0 = decode_slots // 8.
   s.refill_rows = 0
+  # Once no row waits, the slots halve while the active rows fit, down to this; 0 =
+  # decode_slots // 8; decode_slots = never shrink (one compiled decode per slot count).
+  s.min_decode_slots = 0
   return s
 
 
@@ -364,6 +369,7 @@ def smoke(config: ConfigDict) -> ConfigDict:
   if c.sampling.decode_slots:  # no more slots than the smoke run's rows
     c.sampling.decode_slots = min(c.sampling.decode_slots, 16)
     c.sampling.refill_rows = min(c.sampling.refill_rows, c.sampling.decode_slots)
+    c.sampling.min_decode_slots = min(c.sampling.min_decode_slots, c.sampling.decode_slots)
   c.data.max_prompt_tokens = min(c.data.max_prompt_tokens, 512)
   c.train.num_steps = min(c.train.num_steps, 2)
   c.train.prompts_per_step = 4
@@ -494,6 +500,7 @@ CONFIG_RANGES: dict[str, Range] = {
     "sampling.rows_per_call": Range(1, integer=True, none="all rows at once"),
     "sampling.decode_slots": Range(0, integer=True, why="0: lock-step batching"),
     "sampling.refill_rows": Range(0, integer=True, why="0: decode_slots // 8"),
+    "sampling.min_decode_slots": Range(0, integer=True, why="0: decode_slots // 8"),
     "dynamic_sampling.max_gen_batches": COUNT,
     "train.num_steps": NONNEG_INT, "train.prompts_per_step": COUNT, "train.mini_batches": COUNT,
     "train.epochs": COUNT, "train.micro_batches": COUNT,
@@ -635,9 +642,12 @@ def _check_keys(config: ConfigDict) -> None:
 def _check_choices(config: ConfigDict) -> None:
   """Named choices, and the model / tokenizer / step-count combinations that can run."""
   from lad_jax.data import prompts  # pylint: disable=g-import-not-at-top
-  from lad_jax.models.config import ATTENTION_IMPLS  # pylint: disable=g-import-not-at-top
+  from lad_jax.models import config as model_config  # pylint: disable=g-import-not-at-top
   _check_choice("model.source", config.model.source, MODEL_SOURCES)
-  _check_choice("model.attention_impl", config.model.attention_impl, ATTENTION_IMPLS)
+  _check_choice("model.attention_impl", config.model.attention_impl,
+                model_config.ATTENTION_IMPLS)
+  _check_choice("model.decode_attention", config.model.decode_attention,
+                model_config.DECODE_ATTENTIONS)
   _check_choice("tokenizer.kind", config.tokenizer.kind, TOKENIZERS)
   _check_choice("data.task", config.data.task, TASKS)
   _check_choice("data.template", config.data.template, sorted(prompts.TEMPLATES))
@@ -685,6 +695,10 @@ def _check_batch_layout(config: ConfigDict) -> None:
   if slots and refill > slots:
     raise ConfigError(f"config.sampling.refill_rows={refill} exceeds decode_slots={slots}; "
                       "refill at most decode_slots slots at once (0 = decode_slots // 8).")
+  least = config.sampling.get("min_decode_slots", 0)
+  if slots and least > slots:
+    raise ConfigError(f"config.sampling.min_decode_slots={least} exceeds decode_slots={slots}; "
+                      "set it to decode_slots to never shrink (0 = decode_slots // 8).")
   rows = config.train.prompts_per_step * config.sampling.group_size
   per_update = config.train.mini_batches
   if config.train.prompts_per_step % per_update:

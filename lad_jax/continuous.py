@@ -15,6 +15,10 @@ the N = prompts x G rows wait in order and `decode_slots` rows decode at a time:
      that stops once K slots are free (or, with no row waiting, once every row has ended);
   3. take: the ended rows are read back to the host, cut at stop strings, and handed to
      `on_rows` (e.g. the verifier pool) while the next rows decode; then 1 again.
+  4. shrink: once no row waits, the slots halve (`compact`: the active rows move into half as
+     many slots) whenever the active rows fit, down to `min_decode_slots`, so the long tail
+     of the last rows does not pay for every slot at each step (as vLLM pads its running batch
+     to the nearest captured batch size).
 
 Same results as lock step, whatever slot a row lands in: a row's slot holds the layout of its
 lock-step row (prompt in slots [0, Tp), response from Tp, the same RoPE positions), token i
@@ -24,9 +28,9 @@ key gives the same tokens and log-probs up to float rounding of the batched matm
 
 Costs: each row prefills its own prompt (lock step prefills a prompt once and copies its cache
 to the G samples), small next to the response when responses are much longer than prompts, as
-in RLVR; slots that ended wait for at most K - 1 others before they are refilled; a decode step
-reads cache blocks up to the longest active row (`decode_attention`), and one host round trip
-(the ended flags) separates decode calls.
+in RLVR; slots that ended wait for at most K - 1 others before they are refilled; one host round
+trip (the ended flags) separates decode calls, and each slot count of the shrinking tail is
+its own compiled decode.
 """
 
 from __future__ import annotations
@@ -100,6 +104,7 @@ class _Fns(NamedTuple):
   insert: Any
   decode: Any
   take: Any
+  compact: Any
 
 
 Sampling = sampler_lib.Sampling
@@ -202,6 +207,17 @@ def take(slots: Slots, slot_K: Array) -> Ended:
   return Ended(slots.tokens_NR[slot_K], slots.logp_NR[slot_K], slots.step_N[slot_K])
 
 
+def compact(slots: Slots, keep_M: Array) -> Slots:
+  """The M slots keep_M [M] of the N `slots`, in that order: each keeps its row, its steps
+  and its cache row (a shrink of the slots once no row waits)."""
+  rows = lambda x: jnp.take(x, keep_M, axis=0)
+  return Slots(cache=slots.cache.take_rows(keep_M),
+               **{f: rows(getattr(slots, f)) for f in _ROW_FIELDS})
+
+
+_ROW_FIELDS = ("tok_N", "step_N", "limit_N", "row_N", "done_N", "tokens_NR", "logp_NR")
+
+
 # ------------------------------------------------------------------------------------------------
 # The host loop
 
@@ -224,10 +240,13 @@ class ContinuousSampler(sampler_lib.Sampler):
       replaces rows_per_call's chunks).
     refill_rows: K, slots refilled together (one prefill of K prompts); decoding pauses for a
       refill once K slots are free. None = max(1, decode_slots // 8).
+    min_decode_slots: once no row waits, the slots halve while the active rows fit, down to
+      this (rounded up to the mesh's batch shards); decode_slots = never shrink. None =
+      max(1, decode_slots // 8).
   """
 
   def __init__(self, model: Any, *, decode_slots: int, refill_rows: Optional[int] = None,
-               **kwargs: Any):
+               min_decode_slots: Optional[int] = None, **kwargs: Any):
     super().__init__(model, **kwargs)
     if decode_slots < 1:
       raise ValueError(f"decode_slots must be >= 1, got {decode_slots}.")
@@ -236,6 +255,12 @@ class ContinuousSampler(sampler_lib.Sampler):
       raise ValueError(f"refill_rows must be in [1, decode_slots={decode_slots}], got "
                        f"{refill_rows}.")
     self.decode_slots, self.refill_rows = int(decode_slots), int(refill_rows)
+    least = max(1, decode_slots // 8) if min_decode_slots is None else min_decode_slots
+    if not 1 <= least <= decode_slots:
+      raise ValueError(f"min_decode_slots must be in [1, decode_slots={decode_slots}], got "
+                       f"{least}.")
+    shards = 1 if self.mesh is None else sharding.num_shards("batch", decode_slots, self.mesh)
+    self.min_decode_slots = -(-int(least) // shards) * shards
     self._continuous: dict[tuple[Any, ...], _Fns] = {}
 
   def sample(self, params: Any, prompts: Sequence[Sequence[int]], key: Any, *, group_size: int,
@@ -266,6 +291,8 @@ class ContinuousSampler(sampler_lib.Sampler):
     next_row = 0
     slots = fns.empty()
     while True:
+      if next_row == n:  # nothing waits: the active rows move into fewer slots
+        slots, occupant = self._shrink(fns, slots, occupant)
       free = np.flatnonzero(occupant < 0)
       while free.size and next_row < n:
         rows = np.arange(next_row, min(n, next_row + k, next_row + free.size))
@@ -276,12 +303,34 @@ class ContinuousSampler(sampler_lib.Sampler):
         occupant[slot], next_row, free = rows, next_row + rows.size, free[rows.size:]
       if (occupant < 0).all():
         return
-      target = k if next_row < n else self.decode_slots + 1
+      target = k if next_row < n else self._free_target(occupant.size)
       slots, done_N = fns.decode(params, slots, key, np.int32(target))
       ended = np.flatnonzero(np.asarray(done_N) & (occupant >= 0))
       for start in range(0, ended.size, k):
         self._take(fns, slots, ended[start:start + k], occupant, out, on_rows)
       occupant[ended] = -1
+
+  def _halved(self, num_slots: int) -> Optional[int]:
+    """The slot count after a shrink of num_slots slots, None if they do not shrink."""
+    half = num_slots // 2
+    return half if half >= self.min_decode_slots and num_slots % 2 == 0 else None
+
+  def _free_target(self, num_slots: int) -> int:
+    """Ended slots a decode call waits for once no row waits: enough to shrink the slots, or
+    all of them (num_slots + 1: until no row is active)."""
+    half = self._halved(num_slots)
+    return num_slots + 1 if half is None else num_slots - half
+
+  def _shrink(self, fns: _Fns, slots: Slots, occupant: np.ndarray
+              ) -> tuple[Slots, np.ndarray]:
+    """Halves the slots while the active rows fit (`compact`); returns (slots, occupant)."""
+    half = self._halved(occupant.size)
+    while half is not None and (occupant >= 0).sum() <= half:
+      order = np.argsort(occupant < 0, kind="stable")  # active slots first
+      keep = order[:half].astype(np.int32)
+      slots, occupant = fns.compact(slots, self._put(keep, (None,))), occupant[keep]
+      half = self._halved(half)
+    return slots, occupant
 
   def _refill(self, slot: np.ndarray, rows: np.ndarray, tokens_KT: np.ndarray,
               mask_KT: np.ndarray, limits: np.ndarray) -> Refill:
@@ -353,7 +402,8 @@ class ContinuousSampler(sampler_lib.Sampler):
     opts = xla_cpu.sampler_options(self.platform)
     if self.mesh is None:
       return _Fns(jax.jit(empty), jax.jit(insert_fn, donate_argnums=(1,), compiler_options=opts),
-                  jax.jit(decode_fn, donate_argnums=(1,), compiler_options=opts), jax.jit(take))
+                  jax.jit(decode_fn, donate_argnums=(1,), compiler_options=opts), jax.jit(take),
+                  jax.jit(compact))
     slots_sh = self._slots_shardings(jax.eval_shape(empty))
     rep = NamedSharding(self.mesh, PartitionSpec())
     return _Fns(
@@ -364,7 +414,8 @@ class ContinuousSampler(sampler_lib.Sampler):
         # loop runs the same on every process).
         jax.jit(decode_fn, in_shardings=(self._param_shardings, slots_sh, rep, rep),
                 out_shardings=(slots_sh, rep), donate_argnums=(1,), compiler_options=opts),
-        jax.jit(take, in_shardings=(slots_sh, rep), out_shardings=rep))
+        jax.jit(take, in_shardings=(slots_sh, rep), out_shardings=rep),
+        jax.jit(compact, in_shardings=(slots_sh, rep), out_shardings=slots_sh))
 
   def _slots_shardings(self, abstract: Slots) -> Slots:
     """Where the slots live on the mesh: rows over the batch axes, the cache as the sampler's."""
@@ -373,5 +424,4 @@ class ContinuousSampler(sampler_lib.Sampler):
                                 per_row_index=True)
     rows = lambda x: self._named(("batch",) + (None,) * (x.ndim - 1), x.shape)
     return Slots(cache=sharding.logical_shardings(abstract.cache, axes, self.mesh),
-                 **{f: rows(getattr(abstract, f)) for f in
-                    ("tok_N", "step_N", "limit_N", "row_N", "done_N", "tokens_NR", "logp_NR")})
+                 **{f: rows(getattr(abstract, f)) for f in _ROW_FIELDS})

@@ -40,9 +40,9 @@ Per-layer cache (`per_layer_cache`, the default on CPU): the cache is one buffer
 the decode step runs the layers unrolled, each writing its new slot in place and then reading
 its own buffer; the layer scan instead slices every layer's weights out of the stacked arrays
 at every step (and, with `decode_block_size=0`, every layer's whole cache too). Either way a
-step reads only a prefix window of the cache (at most twice the written slots,
-`ModelConfig.decode_block_size`), so its cost follows
-the tokens so far, not the response bucket. The per-layer path slices the layer weights once
+step reads only the written slots of the rows that have not ended, in blocks of
+`ModelConfig.decode_block_size` (`ModelConfig.decode_attention`), so its cost follows the tokens
+so far, not the response bucket. The per-layer path slices the layer weights once
 per call before the loop (one extra copy of them while decoding), and its unrolled program
 compiles ~2x longer; the rollouts are the same up to float rounding (speed: the README's
 results, benchmarks/sampler_vs_hf.py and benchmarks/decode_scaling.py).

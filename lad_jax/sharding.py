@@ -183,6 +183,19 @@ def constrain(x: jax.Array, logical_axes: Sequence[Optional[str]],
   return jax.lax.with_sharding_constraint(x, spec)
 
 
+def num_shards(logical_axis: str, size: int, mesh: Any = None) -> int:
+  """Into how many shards `mesh` (default: the current one, `use_mesh`) splits a dimension of
+  `size` with this logical axis name; 1 without a mesh."""
+  mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+  if mesh is None or mesh.empty:
+    return 1
+  axes = logical_to_spec((logical_axis,), (size,), mesh)[0]
+  if axes is None:
+    return 1
+  sizes = _mesh_axis_sizes(mesh)
+  return math.prod(sizes[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
 def per_device_bytes(abstract_tree: Any, shardings: Any) -> int:
   """Largest number of bytes any one device holds for a tree of (abstract) arrays."""
   totals: dict[Any, int] = {}

@@ -20,6 +20,7 @@ G = 3
 MAX_NEW = 20
 # 6 of the 128 ids end a response: rows end at very different lengths, some are truncated.
 EOS_IDS = (3, 50, 77, 91, 104, 120)
+LONG_TAIL = list(range(6, 21))  # per-row limits of 15 rows, the last the longest
 
 
 def _prompts(n=5, seed=0):
@@ -33,12 +34,13 @@ def tiny():
   return cfg, jax.tree.map(jnp.asarray, testing.random_params(cfg))
 
 
-def _pair(cfg, *, per_layer, slots=4, refill=2, **kw):
+def _pair(cfg, *, per_layer, slots=4, refill=2, min_decode_slots=None, **kw):
   common = dict(eos_ids=EOS_IDS, pad_id=PAD, prompt_buckets=(16,), response_buckets=(24,),
                 per_layer_cache=per_layer, **kw)
   lock = sampler_lib.Sampler(models.Decoder(cfg), **common)
   cont = continuous.ContinuousSampler(models.Decoder(cfg), decode_slots=slots,
-                                      refill_rows=refill, **common)
+                                      refill_rows=refill, min_decode_slots=min_decode_slots,
+                                      **common)
   return lock, cont
 
 
@@ -150,13 +152,39 @@ def test_outputs_trimmed_to_the_length_bucket(tiny):
     np.testing.assert_array_equal(got.lengths, full.lengths)
 
 
-def test_compiles_once_per_bucket(tiny):
+@pytest.mark.parametrize("least,traces", [(None, 4), (4, 2)])
+def test_compiles_once_per_bucket(tiny, least, traces):
+  """One insert and one decode per slot count: 4, then 2 and 1 as the tail shrinks (the
+  default), or 4 only (min_decode_slots = decode_slots); the second call compiles nothing."""
   cfg, params = tiny
-  _, cont = _pair(cfg, per_layer=False)
+  _, cont = _pair(cfg, per_layer=False, min_decode_slots=least)
   for seed in range(2):
     cont.sample(params, _prompts(seed=seed), jax.random.key(seed), group_size=G,
-                max_new_tokens=MAX_NEW)
-  assert cont.num_traces == 2  # one insert, one decode
+                max_new_tokens=MAX_NEW, row_limits=LONG_TAIL)
+    assert cont.num_traces == traces
+
+
+def test_tail_shrinks_to_the_active_rows(tiny):
+  """16 slots, 15 rows, min 2: once no row waits, the slots halve whenever the active rows
+  fit (16 -> 8 -> 4 -> 2), and the rows are the lock-step ones."""
+  cfg, params = tiny
+  lock, cont = _pair(cfg, per_layer=False, slots=16, refill=16, min_decode_slots=2)
+  sizes = []
+  fns_for = cont._fns_for  # pylint: disable=protected-access
+
+  def spy(*args):
+    fns = fns_for(*args)
+    def decode(params, slots, *rest):
+      sizes.append(slots.done_N.shape[0])
+      return fns.decode(params, slots, *rest)
+    return fns._replace(decode=decode)
+
+  cont._fns_for = spy  # pylint: disable=protected-access
+  kw = dict(group_size=G, max_new_tokens=MAX_NEW, row_limits=LONG_TAIL)
+  _assert_same(cont.sample(params, _prompts(), jax.random.key(3), **kw),
+               lock.sample(params, _prompts(), jax.random.key(3), **kw))
+  assert sizes[0] == 16 and sizes[-1] < 16 and sizes == sorted(sizes, reverse=True)
+  assert set(sizes) <= {16, 8, 4, 2}
 
 
 def test_sharded_equals_unsharded(tiny):
@@ -177,3 +205,7 @@ def test_bad_arguments(tiny):
   with pytest.raises(ValueError, match="refill_rows"):
     continuous.ContinuousSampler(models.Decoder(cfg), eos_ids=(), pad_id=0, decode_slots=2,
                                  refill_rows=3)
+  for least in (0, 3):
+    with pytest.raises(ValueError, match="min_decode_slots"):
+      continuous.ContinuousSampler(models.Decoder(cfg), eos_ids=(), pad_id=0, decode_slots=2,
+                                   min_decode_slots=least)

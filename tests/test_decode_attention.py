@@ -1,4 +1,5 @@
-"""Decode attention over a prefix window of the cache == attention over the whole cache bucket.
+"""Decode attention over a prefix window of the cache, or over each row's own written blocks
+(ragged) == attention over the whole cache bucket.
 
 Reference: one softmax over every slot with the unwritten / masked ones biased away (the
 decoder's `decode_block_size=0` path, and a numpy softmax here).
@@ -16,6 +17,7 @@ from lad_jax import sampler as sampler_lib
 from lad_jax.models import decode_attention, testing
 
 B, K, G, T, H, S = 3, 2, 2, 2, 8, 20
+ATTEND = {"window": decode_attention.attend_prefix, "ragged": decode_attention.attend_ragged}
 
 
 def _numpy_attention(q, k_BKHS, v_BKSH, mask_BTS):
@@ -46,15 +48,46 @@ def _inputs(seed=0, num_slots=S):
   return q, k, v, mask, want
 
 
+@pytest.mark.parametrize("reader", list(ATTEND))
 @pytest.mark.parametrize("block_size", [1, 3, 6, 7, 20, 64])
 @pytest.mark.parametrize("num_slots", [1, 13, 20])
-def test_prefix_window_equals_one_softmax_over_the_written_slots(block_size, num_slots):
-  """Windows of C, 2C, .. up to S = 20 with C dividing S, not, and exceeding it; each query
-  attends its own segment below its own limit (<= num_slots)."""
+def test_reads_equal_one_softmax_over_the_written_slots(reader, block_size, num_slots):
+  """Windows (or blocks) of C up to S = 20 with C dividing S (blocks all aligned), not (the
+  last block moved left, its overlap masked), and exceeding it; each query attends its own
+  segment below its own limit (<= num_slots)."""
   q, k, v, mask, want = _inputs(num_slots=num_slots)
-  got = decode_attention.attend_prefix(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask,
-                                       block_size=block_size)
+  got = ATTEND[reader](jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask,
+                       block_size=block_size)
   np.testing.assert_allclose(got, _numpy_attention(q, k, v, want), atol=2e-6)
+
+
+@pytest.mark.parametrize("row_groups", [1, 3])
+def test_ragged_rows_read_only_their_own_blocks(row_groups):
+  """Rows at very different limits (1, 20 and a finished row whose queries are padding), in
+  one group or one group per row (the mesh's batch shards): the reference for the live rows,
+  finite output for the finished one; the budgets read cover exactly the rows' blocks."""
+  q, k, v, mask, want = _inputs(4)
+  limit = np.array([[1, 1], [20, 20], [9, 9]], np.int32)
+  query_seg = np.asarray(mask.query_seg_BT).copy()
+  query_seg[2] = 0  # finished: attends nothing, reads no block
+  mask = mask._replace(query_seg_BT=jnp.asarray(query_seg), limit_BT=jnp.asarray(limit))
+  want = ((query_seg[:, :, None] == np.asarray(mask.slot_seg_BS)[:, None, :])
+          & (np.asarray(mask.slot_seg_BS)[:, None, :] != 0)
+          & (np.arange(S)[None, None] < limit[:, :, None]))
+  got = np.asarray(decode_attention.attend_ragged(
+      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), mask, block_size=3,
+      row_groups=row_groups))
+  np.testing.assert_allclose(got[:2], _numpy_attention(q[:2], k[:2], v[:2], want[:2]),
+                             atol=2e-6)
+  assert np.isfinite(got).all()
+  np.testing.assert_array_equal(decode_attention._blocks_needed(mask, 3), [1, 7, 0])  # pylint: disable=protected-access
+
+
+def test_pair_budgets_grow_by_half_octaves_up_to_every_block():
+  assert decode_attention.pair_budgets(64, 1056, 32) == (
+      64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 2112)
+  assert decode_attention.pair_budgets(3, 20, 3) == (3, 6, 9, 12, 18, 21)
+  assert decode_attention.pair_budgets(2, 5, 64) == (2,)  # C > S: one block of S per row
 
 
 def test_slot_mask_prefixes_are_the_full_masks_first_slots():
@@ -65,8 +98,10 @@ def test_slot_mask_prefixes_are_the_full_masks_first_slots():
     np.testing.assert_array_equal(mask.prefix(w), want[..., :w])
 
 
-def test_stacked_layer_and_new_tokens_in_one_softmax():
-  """Layer 1 of a stacked [L, ...] cache read in a window, plus new keys not in the cache."""
+@pytest.mark.parametrize("reader", list(ATTEND))
+def test_stacked_layer_and_new_tokens_in_one_softmax(reader):
+  """Layer 1 of a stacked [L, ...] cache read in a window (or blocks), plus new keys not in
+  the cache."""
   q, k, v, mask, want = _inputs(1, num_slots=11)
   rng = np.random.default_rng(2)
   kn, vn = rng.normal(size=(B, K, H, T)).astype(np.float32), rng.normal(
@@ -74,20 +109,19 @@ def test_stacked_layer_and_new_tokens_in_one_softmax():
   mask_new = np.tril(np.ones((T, T), bool))[None].repeat(B, 0)
   k_L = jnp.stack([jnp.zeros_like(k), jnp.asarray(k)])
   v_L = jnp.stack([jnp.zeros_like(v), jnp.asarray(v)])
-  got = decode_attention.attend_prefix(jnp.asarray(q), k_L, v_L, mask, block_size=4,
-                                       layer=jnp.int32(1),
-                                       new=(jnp.asarray(kn), jnp.asarray(vn),
-                                            jnp.asarray(mask_new)))
+  got = ATTEND[reader](jnp.asarray(q), k_L, v_L, mask, block_size=4, layer=jnp.int32(1),
+                       new=(jnp.asarray(kn), jnp.asarray(vn), jnp.asarray(mask_new)))
   want = _numpy_attention(q, np.concatenate([k, kn], -1), np.concatenate([v, vn], 2),
                           np.concatenate([want, mask_new], -1))
   np.testing.assert_allclose(got, want, atol=2e-6)
 
 
+@pytest.mark.parametrize("reader", list(ATTEND))
 @pytest.mark.parametrize("per_layer", [True, False])
-def test_cached_decoder_steps_equal_the_whole_bucket(per_layer):
+def test_cached_decoder_steps_equal_the_whole_bucket(per_layer, reader):
   """Prefill, then a 3-token step (T > 1: causal among the new tokens) and a 1-token step:
   logits with decode blocks of 4 slots == with attention over the whole 24-slot bucket."""
-  cfg = testing.tiny_config("qwen2")
+  cfg = testing.tiny_config("qwen2", decode_attention=reader)
   params = jax.tree.map(jnp.asarray, testing.random_params(cfg))
   rng = np.random.default_rng(0)
   tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 9)), jnp.int32)
@@ -109,11 +143,13 @@ def test_cached_decoder_steps_equal_the_whole_bucket(per_layer):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), new[2], old[2])
 
 
-@pytest.mark.parametrize("per_layer,temperature", [(True, 1.0), (False, 1.0), (False, 0.0)])
-def test_sampler_equals_whole_bucket_attention(per_layer, temperature):
+@pytest.mark.parametrize("per_layer,temperature,reader", [
+    (True, 1.0, "ragged"), (False, 1.0, "ragged"), (False, 0.0, "ragged"),
+    (False, 1.0, "window")])
+def test_sampler_equals_whole_bucket_attention(per_layer, temperature, reader):
   """Same key: identical tokens and logp to ~1e-5, decode blocks of 5 slots (so several
   blocks and a clamped last one) vs the whole-bucket attention (`decode_block_size=0`)."""
-  base = testing.tiny_config("qwen2")
+  base = testing.tiny_config("qwen2", decode_attention=reader)
   params = jax.tree.map(jnp.asarray, testing.random_params(base))
   rng = np.random.default_rng(0)
   prompts = [rng.integers(1, base.vocab_size, n).tolist() for n in (3, 7, 12, 1)]

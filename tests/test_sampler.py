@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import functools
 import re
 
@@ -451,3 +452,43 @@ def test_continuous_decode_loop_does_not_all_gather_weights():
   smp._param_shardings = train_shardings  # pylint: disable=protected-access
   smp._continuous.clear()  # pylint: disable=protected-access
   assert gathers() == 7
+
+
+def _loop_collectives(hlo: str) -> collections.Counter:
+  """(collective, result shape) of every collective op inside the decode while loop."""
+  inside = _while_body_computations(hlo)
+  current, found = None, collections.Counter()
+  for line in hlo.splitlines():
+    head = re.match(r"^(ENTRY )?%([\w.-]+) ", line)
+    if head:
+      current = head.group(2)
+      continue
+    ins = re.match(r"^\s*(?:ROOT )?%[\w.-]+ = (\S+) (all-gather|all-reduce|all-to-all|"
+                   r"collective-permute|reduce-scatter)[\w-]*\(", line)
+    if ins and current in inside:
+      found[ins.group(2), ins.group(1)] += 1
+  return found
+
+
+def test_ragged_decode_reads_each_rows_blocks_on_its_own_device():
+  """Continuous decode on 8 simulated devices (data 2 x fsdp 2 x tensor 2: the 16 slots over
+  4 batch shards, kv heads over 2): the ragged reads (one row group per batch shard,
+  `decode_attention.attend_ragged`) add no collective to the loop over the window reads,
+  which read every row's cache where it lives."""
+  if jax.device_count() < 8:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (tests/conftest.py)")
+  from lad_jax import continuous  # pylint: disable=g-import-not-at-top
+  mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+  found = {}
+  for reader in ("window", "ragged"):
+    cfg = testing.tiny_config("qwen2", intermediate_size=128, decode_block_size=8,
+                              decode_attention=reader)
+    smp = continuous.ContinuousSampler(models.Decoder(cfg), eos_ids=EOS_IDS, pad_id=PAD,
+                                       mesh=mesh, prompt_buckets=(16,), per_layer_cache=False,
+                                       decode_slots=16, refill_rows=8)
+    fns = smp._fns_for(16, 112, continuous.Sampling(1.0, 1.0, 0))  # pylint: disable=protected-access
+    params = jax.eval_shape(lambda: testing.random_params(cfg))  # pylint: disable=cell-var-from-loop
+    with sharding.use_mesh(mesh):
+      found[reader] = _loop_collectives(fns.decode.lower(
+          params, fns.empty.eval_shape(), jax.random.key(0), np.int32(8)).compile().as_text())
+  assert not found["ragged"] - found["window"], found["ragged"] - found["window"]

@@ -28,6 +28,7 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("auto", "einsum", "blockwise", "cudnn", "splash")  # lad_jax.models.attention
+DECODE_ATTENTIONS = ("ragged", "window")  # lad_jax.models.decode_attention
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -144,6 +145,10 @@ class ModelConfig:
       written slots (`decode_attention`): decode cost follows the written length, not the cache
       bucket (for either attention_impl). 0 = attend over the whole bucket, empty slots
       masked.
+    decode_attention: how a cached step reads the written slots (with decode_block_size > 0):
+      "ragged" (the default), each row its own written blocks of decode_block_size slots, so
+      a step's work follows the sum of the rows' lengths; "window", every row the prefix
+      window that holds the longest row (`decode_attention`).
     bos_token_id, eos_token_ids, pad_token_id: special tokens from config.json, if given.
     initializer_range: stddev of the normal initialiser for fresh parameters.
   """
@@ -172,6 +177,7 @@ class ModelConfig:
   attention_block_size: int = 128
   attention_max_segments: int = 16
   decode_block_size: int = 32
+  decode_attention: str = "ragged"
   bos_token_id: Optional[int] = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: Optional[int] = None
@@ -197,6 +203,9 @@ class ModelConfig:
     if self.decode_block_size < 0:
       raise ValueError(f"decode_block_size must be >= 0 (0 = whole cache), got "
                        f"{self.decode_block_size}.")
+    if self.decode_attention not in DECODE_ATTENTIONS:
+      raise ValueError(f"Unknown decode_attention {self.decode_attention!r}; valid: "
+                       f"{list(DECODE_ATTENTIONS)}.")
     if self.head_dim % 2:
       raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}.")
     for name in ("param_dtype", "dtype", "logits_dtype"):

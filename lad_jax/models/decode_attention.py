@@ -1,23 +1,32 @@
-"""Decode attention over the written prefix of a KV cache, in windows of doubling size.
+"""Decode attention over the written slots of a KV cache: each row's own blocks, or a window.
 
 A decode step's queries attend to the cache slots before the write index (one index shared by
 all rows in lock step, or one per row with continuous batching) and to the new tokens.
 Attending over the whole cache bucket and masking the empty slots costs work proportional to
-the bucket; here a step reads only a prefix of the cache: the smallest of the windows C, 2C,
-4C, ..., S (C = `decode_block_size`) that holds every written slot, picked at run time by a
-`lax.switch` over those static sizes. A step costs at most twice the work of the slots written
-so far (and at least one window of C), as one softmax and two matmuls per layer.
+the bucket; here a step reads only written slots, in one of two ways (C = `decode_block_size`):
+
+  `attend_ragged` (`decode_attention="ragged"`, the default): row b reads its own
+    ceil(limit_b / C) blocks (none once it has ended), as (row, block) pairs gathered in one
+    read; each query's softmax runs across its row's blocks. Work ~ the sum of the rows'
+    written lengths: rows at different steps (continuous batching) or already ended (lock
+    step) cost only what they have written. This is the portable form of a paged / ragged
+    attention kernel (the Pallas paged-attention kernel on TPU reads each sequence's pages the
+    same way).
+  `attend_prefix` (`"window"`): every row reads the smallest of the prefix windows C, 2C,
+    4C, ..., S that holds the longest row, picked at run time by a `lax.switch` over those
+    static sizes: B x (at most twice the longest row), one softmax and two matmuls per layer,
+    no gather; as cheap when all rows are at the same length.
 
 Scores are float32 (the probabilities are cast to the value dtype only as a matmul operand,
 with float32 accumulation); slots in the window but not attended (unwritten, other segments,
 padding) get a finite bias (-1e30, as the decoder's), so the result equals one softmax over
 the full bucket up to rounding, and a query whose keys are all masked (padding) gets a uniform
-average over the slots read, never NaN (its output is never used).
+average over the slots read (ragged: over nothing, 0), never NaN (its output is never used).
 
 Two layouts are read: a per-layer buffer (k [B, K, H, S], v [B, K, S, H]) and the stacked
-[L, ...] cache with a layer index (`StackedLayerCache`), sliced to the window inside the
+[L, ...] cache with a layer index (`StackedLayerCache`), sliced (or gathered) inside the
 layer so the layer's cache is never copied out of the stack as a whole. Masks come from
-segment ids, built only over the window read (`SlotMask`).
+segment ids, built only over the slots read (`SlotMask`).
 """
 
 from __future__ import annotations
@@ -148,3 +157,160 @@ def attend_prefix(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_s
     return read(sizes[0])
   branch = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < mask.num_slots)
   return jax.lax.switch(branch, [functools.partial(read, w) for w in sizes])
+
+
+# ------------------------------------------------------------------------------------------------
+# Ragged reads: each row's own written blocks
+
+
+def pair_budgets(rows: int, num_slots: int, block_size: int) -> tuple[int, ...]:
+  """How many (row, block) pairs a ragged step may read: R x (1, 2, 3, 4, 6, 8, 12, 16, ...)
+  (half octaves, so at most 1.5x the pairs needed are read) below every block of every row
+  (R = rows), then that (R x ceil(S / C))."""
+  c = max(1, min(block_size, num_slots))
+  most = rows * (-(-num_slots // c))
+  sizes, w = [], 1
+  while rows * w < most:
+    sizes.append(rows * w)
+    w = w + 1 if w < 2 else (w * 3 // 2 if w & (w - 1) == 0 else w * 4 // 3)
+  return tuple(sizes) + (most,)
+
+
+class _Pairs(NamedTuple):
+  """P (row, block) pairs of one row group, in row order: row_P int32 (clipped to the group),
+  first_P int32 the block's first slot, start_P int32 where its C slots are read (first_P,
+  moved left to fit a bucket S that C does not divide), valid_P bool (False: padding)."""
+
+  row_P: Array
+  first_P: Array
+  start_P: Array
+  valid_P: Array
+
+
+def _pairs(blocks_R: Array, num_pairs: int, block_size: int, num_slots: int) -> _Pairs:
+  """The first `num_pairs` (row, block) pairs of rows needing blocks_R [R] blocks each."""
+  ends_R = jnp.cumsum(blocks_R)
+  p_P = jnp.arange(num_pairs, dtype=jnp.int32)
+  row_P = jnp.minimum(jnp.searchsorted(ends_R, p_P, side="right"), blocks_R.shape[0] - 1)
+  row_P = row_P.astype(jnp.int32)
+  first_P = (p_P - (ends_R - blocks_R)[row_P]) * block_size
+  return _Pairs(row_P, first_P, jnp.minimum(first_P, num_slots - block_size),
+                p_P < ends_R[-1])
+
+
+def _read_pairs(k: Array, v: Array, layer: Optional[Array], pairs: _Pairs,
+                block_size: int) -> tuple[Array, Array]:
+  """The C slots of each pair: (k [P, K, H, C], v [P, K, C, H]) of keys [(L,) R, K, H, S] and
+  values [(L,) R, K, S, H] (of `layer` when stacked): one gather of P slices each."""
+  return (_gather_blocks(k, layer, pairs, block_size, slot_axis=3),
+          _gather_blocks(v, layer, pairs, block_size, slot_axis=2))
+
+
+def _gather_blocks(x: Array, layer: Optional[Array], pairs: _Pairs, block_size: int, *,
+                   slot_axis: int) -> Array:
+  """x [(L,) R, a, b, c] -> [P, a, b, c]: C slots along slot_axis (of the unstacked shape)
+  from each pair's row and start (of `layer` when stacked)."""
+  lead = () if layer is None else (layer,)
+  sizes = list(x.shape[len(lead):])
+  sizes[0], sizes[slot_axis] = 1, block_size
+
+  def read(row, start):
+    starts = [jnp.int32(0)] * len(sizes)
+    starts[0], starts[slot_axis] = row, start
+    out = jax.lax.dynamic_slice(x, lead + tuple(starts), (1,) * len(lead) + tuple(sizes))
+    return out.reshape(sizes[1:])
+
+  return jax.vmap(read)(pairs.row_P, pairs.start_P)
+
+
+def _ragged_group(q_RKGTH: Array, k: Array, v: Array, mask: SlotMask, layer: Optional[Array],
+                  new: Optional[tuple[Array, Array, Array]], *, num_pairs: int,
+                  block_size: int) -> Array:
+  """Attention of one row group [R, ...] over its rows' own written blocks (P pairs at most)
+  and the new tokens, one softmax per query across its blocks (`attend_ragged`)."""
+  rows, dtype = q_RKGTH.shape[0], q_RKGTH.dtype
+  pairs = _pairs(_blocks_needed(mask, block_size), num_pairs, block_size,
+                 mask.slot_seg_BS.shape[1])
+  k_PKHC, v_PKCH = _read_pairs(k, v, layer, pairs, block_size)
+  slot_PC = pairs.start_P[:, None] + jnp.arange(block_size, dtype=jnp.int32)[None]
+  seg_PC = _gather_blocks(mask.slot_seg_BS, None, pairs, block_size, slot_axis=1)
+  query_seg_PT, limit_PT = mask.query_seg_BT[pairs.row_P], mask.limit_BT[pairs.row_P]
+  ok_PTC = ((query_seg_PT[:, :, None] == seg_PC[:, None, :]) & (seg_PC[:, None, :] != 0)
+            & (slot_PC[:, None, :] < limit_PT[:, :, None])
+            & (slot_PC[:, None, :] >= pairs.first_P[:, None, None])  # a moved block's overlap
+            & pairs.valid_P[:, None, None])
+  s_PKGTC = scores(q_RKGTH[pairs.row_P], k_PKHC, ok_PTC)
+  segment = functools.partial(jax.ops.segment_max, segment_ids=pairs.row_P,
+                              num_segments=rows, indices_are_sorted=True)
+  m_RKGT = segment(jnp.max(s_PKGTC, axis=-1))
+  if new is not None:
+    s_new = scores(q_RKGTH, new[0], new[2])
+    m_RKGT = jnp.maximum(m_RKGT, jnp.max(s_new, axis=-1))
+  m_RKGT = jnp.where(jnp.isfinite(m_RKGT), m_RKGT, 0.0)  # rows with nothing to read
+  e_PKGTC = jnp.exp(s_PKGTC - m_RKGT[pairs.row_P][..., None])
+  total = functools.partial(jax.ops.segment_sum, segment_ids=pairs.row_P, num_segments=rows,
+                            indices_are_sorted=True)
+  l_RKGT = total(jnp.sum(e_PKGTC, axis=-1))
+  o_RKGTH = total(jnp.einsum("pkgtc,pkch->pkgth", e_PKGTC.astype(dtype), v_PKCH.astype(dtype),
+                             preferred_element_type=jnp.float32))
+  if new is not None:
+    e_new = jnp.exp(s_new - m_RKGT[..., None])
+    l_RKGT = l_RKGT + jnp.sum(e_new, axis=-1)
+    o_RKGTH = o_RKGTH + jnp.einsum("bkgtu,bkuh->bkgth", e_new.astype(dtype),
+                                   new[1].astype(dtype), preferred_element_type=jnp.float32)
+  return (o_RKGTH / jnp.where(l_RKGT > 0, l_RKGT, 1.0)[..., None]).astype(dtype)
+
+
+def _blocks_needed(mask: SlotMask, block_size: int) -> Array:
+  """[B] int32 blocks of C slots each row reads: up to its queries' furthest limit, none for
+  a row whose queries are all padding (a finished row)."""
+  limit_B = jnp.max(jnp.where(mask.query_seg_BT != 0, mask.limit_BT, 0), axis=1)
+  return (limit_B + block_size - 1) // block_size
+
+
+def attend_ragged(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_size: int,
+                  layer: Optional[Array] = None,
+                  new: Optional[tuple[Array, Array, Array]] = None,
+                  row_groups: int = 1) -> Array:
+  """`attend_prefix` where each row reads only its own written blocks of C slots.
+
+  The B rows need n_b = ceil(limit_b / C) blocks each (0 for a finished row); the step reads
+  the (row, block) pairs in one gather of P slices, P the smallest of `pair_budgets` that
+  holds sum_b n_b (a `lax.switch`), and each query's softmax runs across its row's blocks
+  (segment max / sum over the pairs). The work follows the sum of the rows' written lengths
+  (twice it at most), not B x the longest row, the cost of a dense window when rows are at
+  different steps (continuous batching). The gather copies the blocks read once.
+
+  Rows are split into `row_groups` equal groups (the batch shards of the mesh), each with its
+  own pairs, so a row's blocks are read on the device that holds the row.
+
+  Args and result as `attend_prefix` (mask.num_slots is not used: each row's limit is).
+  """
+  b = q_BKGTH.shape[0]
+  s = mask.slot_seg_BS.shape[1]
+  c = max(1, min(block_size, s))
+  d = row_groups
+  if b % d:
+    raise ValueError(f"{b} rows do not split into {d} row groups.")
+  split = lambda x, axis=0: x.reshape(x.shape[:axis] + (d, b // d) + x.shape[axis + 1:])
+  stacked = layer is not None
+  groups = (split(q_BKGTH), split(k, int(stacked)), split(v, int(stacked)),
+            SlotMask(*(split(x) for x in mask[:3]), mask.num_slots),
+            None if new is None else tuple(split(x) for x in new))
+  axes = (0, int(stacked), int(stacked), SlotMask(0, 0, 0, None),
+          None if new is None else (0, 0, 0))
+  blocks_D = jax.vmap(lambda m: jnp.sum(_blocks_needed(m, c)), (SlotMask(0, 0, 0, None),))(
+      groups[3])
+  budgets = pair_budgets(b // d, s, c)
+
+  def read(num_pairs: int) -> Array:
+    fn = functools.partial(_ragged_group, layer=layer, num_pairs=num_pairs, block_size=c)
+    if d == 1:  # no split: a [1, B, ..] view of a written cache made XLA copy it
+      return fn(q_BKGTH, k, v, mask, new=new)
+    out = jax.vmap(lambda q, kk, vv, m, nw: fn(q, kk, vv, m, new=nw), axes)(*groups)
+    return out.reshape((b,) + out.shape[2:])
+
+  if len(budgets) == 1:
+    return read(budgets[0])
+  branch = jnp.sum(jnp.asarray(budgets[:-1], jnp.int32) < jnp.max(blocks_D))
+  return jax.lax.switch(branch, [functools.partial(read, p) for p in budgets])

@@ -28,8 +28,8 @@ one in-place update after the layer scan. A per-layer cache (`KVCache.init(per_l
 runs the layers unrolled instead, each writing its new slots into its own buffer and then
 reading it (no per-step copy of the layer's cache out of a stacked one; see
 `Decoder._unrolled_layers`). With `cfg.decode_block_size` > 0 (the default) a cached step reads
-only a prefix window of at most twice the written slots (`decode_attention`), and the
-stacked cache is a carry of the layer scan that each layer writes, then reads
+only written slots (`decode_attention`: each row its own blocks, or the prefix window of the
+longest row, `cfg.decode_attention`), and the stacked cache is a carry of the layer scan that each layer writes, then reads
 (`Decoder._scanned_cached_layers`); 0 = the whole bucket, as described above. The caller
 must keep index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies
 each prompt's cache to G samples. Without a cache (or with an empty one), the tokens attend
@@ -288,6 +288,18 @@ def reads_prefix_window(cfg: ModelConfig, cache_slots: int) -> bool:
   return cfg.decode_block_size > 0 and cache_slots > 2 * cfg.decode_block_size
 
 
+def _attend_written_slots(q_BKGTH: Array, k: Array, v: Array, mask: decode_attention.SlotMask,
+                          cfg: ModelConfig, **kwargs: Any) -> Array:
+  """`decode_attention.attend_ragged` or `attend_prefix` (cfg.decode_attention) over a cache
+  (k [(L,) B, K, H, S], v [(L,) B, K, S, H]); ragged rows split by the mesh's batch shards."""
+  if cfg.decode_attention == "ragged":
+    groups = sharding.num_shards("cache_batch", q_BKGTH.shape[0])
+    return decode_attention.attend_ragged(q_BKGTH, k, v, mask, block_size=cfg.decode_block_size,
+                                          row_groups=groups, **kwargs)
+  return decode_attention.attend_prefix(q_BKGTH, k, v, mask, block_size=cfg.decode_block_size,
+                                        **kwargs)
+
+
 def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
                           layer_cache: tuple[Array, Array, Array],
                           mask: decode_attention.SlotMask, cfg: ModelConfig
@@ -307,8 +319,7 @@ def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   cv = sharding.constrain(cv, CACHE_BKSH)
   if reads_prefix_window(cfg, ck.shape[-1]):
     q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
-    out_BTNH = attention.ungroup(decode_attention.attend_prefix(
-        q_BKGTH, ck, cv, mask, block_size=cfg.decode_block_size))
+    out_BTNH = attention.ungroup(_attend_written_slots(q_BKGTH, ck, cv, mask, cfg))
   else:
     out_BTNH = _attend_einsum(q_BTNH, ck.astype(cfg.dtype), cv.astype(cfg.dtype), mask.full(),
                               cfg, keys_hs=True)
@@ -336,9 +347,8 @@ def _attend_stacked_cache_window(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
   k_BKTH = k_BKTH.astype(kc.dtype).astype(k_BKTH.dtype)
   v_BKTH = v_BKTH.astype(vc.dtype).astype(v_BKTH.dtype)
   q_BKGTH = attention.group_queries(q_BTNH, cfg.num_kv_heads)
-  out_BKGTH = decode_attention.attend_prefix(
-      q_BKGTH, kc, vc, mask, block_size=cfg.decode_block_size, layer=layer,
-      new=(k_BKTH.transpose(0, 1, 3, 2), v_BKTH, mask_new_BTT))
+  out_BKGTH = _attend_written_slots(q_BKGTH, kc, vc, mask, cfg, layer=layer,
+                                    new=(k_BKTH.transpose(0, 1, 3, 2), v_BKTH, mask_new_BTT))
   return attention.ungroup(out_BKGTH), (kc, vc)
 
 

@@ -81,6 +81,16 @@ class KVCache:
         index=self.index if self.index.ndim == 0 else jnp.repeat(self.index, n),
         next_position=jnp.repeat(self.next_position, n, axis=0))
 
+  def take_rows(self, rows_M: Array) -> KVCache:
+    """Rows rows_M [M] of the cache, in that order ([B] -> [M])."""
+    axis = 0 if self.per_layer else 1
+    take = lambda x: jnp.take(x, rows_M, axis=axis)
+    return KVCache(
+        k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
+        segment_ids=jnp.take(self.segment_ids, rows_M, axis=0),
+        index=self.index if self.index.ndim == 0 else jnp.take(self.index, rows_M),
+        next_position=jnp.take(self.next_position, rows_M, axis=0))
+
   @staticmethod
   def logical_axes(num_layers: Optional[int] = None, per_row_index: bool = False) -> KVCache:
     """Logical axis names of every field, for `sharding.logical_shardings`; pass num_layers
