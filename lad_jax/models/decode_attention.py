@@ -78,12 +78,15 @@ class SlotMask(NamedTuple):
   limit_BT: [B, T] int32, one past the last slot a query may attend (written slots, causal).
   num_slots: [] int32, slots from 0 that must be read (>= every row's limit; the window read
     is the smallest that covers them).
+  pairs: the (row, block) pairs of a ragged read (`ragged_pairs`), computed once per step for
+    every layer; None = each layer computes them.
   """
 
   query_seg_BT: Array
   slot_seg_BS: Array
   limit_BT: Array
   num_slots: Array
+  pairs: Optional["RaggedPairs"] = None
 
   def prefix(self, size: int) -> Array:
     """[B, T, size] bool over slots [0, size)."""
@@ -187,6 +190,27 @@ class _Pairs(NamedTuple):
   valid_P: Array
 
 
+class RaggedPairs(NamedTuple):
+  """A step's (row, block) pairs, one list per row group ([D, P], P = the largest budget, in
+  row order: a smaller budget reads a prefix), as `_Pairs` fields, and need: [] int32 the
+  most pairs any group reads."""
+
+  pairs: _Pairs
+  need: Array
+
+
+def ragged_pairs(mask: SlotMask, *, block_size: int, row_groups: int = 1) -> RaggedPairs:
+  """The pairs `attend_ragged` reads for `mask` (the same in every layer of a step)."""
+  b, s = mask.slot_seg_BS.shape
+  c = max(1, min(block_size, s))
+  if b % row_groups:
+    raise ValueError(f"{b} rows do not split into {row_groups} row groups.")
+  blocks_DR = _blocks_needed(mask, c).reshape(row_groups, b // row_groups)
+  most = pair_budgets(b // row_groups, s, c)[-1]
+  pairs = jax.vmap(lambda n_R: _pairs(n_R, most, c, s))(blocks_DR)
+  return RaggedPairs(pairs, jnp.max(jnp.sum(blocks_DR, axis=1)))
+
+
 def _pairs(blocks_R: Array, num_pairs: int, block_size: int, num_slots: int) -> _Pairs:
   """The first `num_pairs` (row, block) pairs of rows needing blocks_R [R] blocks each."""
   ends_R = jnp.cumsum(blocks_R)
@@ -224,13 +248,11 @@ def _gather_blocks(x: Array, layer: Optional[Array], pairs: _Pairs, block_size: 
 
 
 def _ragged_group(q_RKGTH: Array, k: Array, v: Array, mask: SlotMask, layer: Optional[Array],
-                  new: Optional[tuple[Array, Array, Array]], *, num_pairs: int,
+                  new: Optional[tuple[Array, Array, Array]], pairs: _Pairs, *,
                   block_size: int) -> Array:
-  """Attention of one row group [R, ...] over its rows' own written blocks (P pairs at most)
+  """Attention of one row group [R, ...] over its rows' own written blocks (the P `pairs`)
   and the new tokens, one softmax per query across its blocks (`attend_ragged`)."""
   rows, dtype = q_RKGTH.shape[0], q_RKGTH.dtype
-  pairs = _pairs(_blocks_needed(mask, block_size), num_pairs, block_size,
-                 mask.slot_seg_BS.shape[1])
   k_PKHC, v_PKCH = _read_pairs(k, v, layer, pairs, block_size)
   slot_PC = pairs.start_P[:, None] + jnp.arange(block_size, dtype=jnp.int32)[None]
   seg_PC = _gather_blocks(mask.slot_seg_BS, None, pairs, block_size, slot_axis=1)
@@ -278,39 +300,38 @@ def attend_ragged(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_s
   the (row, block) pairs in one gather of P slices, P the smallest of `pair_budgets` that
   holds sum_b n_b (a `lax.switch`), and each query's softmax runs across its row's blocks
   (segment max / sum over the pairs). The work follows the sum of the rows' written lengths
-  (twice it at most), not B x the longest row, the cost of a dense window when rows are at
-  different steps (continuous batching). The gather copies the blocks read once.
+  (1.5x it at most), not B x the longest row, the cost of a dense window when rows are at
+  different steps (continuous batching) or have ended (lock step). The gather copies the
+  blocks read once.
 
   Rows are split into `row_groups` equal groups (the batch shards of the mesh), each with its
-  own pairs, so a row's blocks are read on the device that holds the row.
+  own pairs, so a row's blocks are read on the device that holds the row. The pairs come from
+  mask.pairs when the caller computed them once for all layers (`ragged_pairs`).
 
   Args and result as `attend_prefix` (mask.num_slots is not used: each row's limit is).
   """
-  b = q_BKGTH.shape[0]
-  s = mask.slot_seg_BS.shape[1]
-  c = max(1, min(block_size, s))
-  d = row_groups
-  if b % d:
-    raise ValueError(f"{b} rows do not split into {d} row groups.")
+  b, s = mask.slot_seg_BS.shape
+  c, d = max(1, min(block_size, s)), row_groups
+  plan = ragged_pairs(mask, block_size=c, row_groups=d) if mask.pairs is None else mask.pairs
+  budgets = pair_budgets(b // d, s, c)
   split = lambda x, axis=0: x.reshape(x.shape[:axis] + (d, b // d) + x.shape[axis + 1:])
-  stacked = layer is not None
-  groups = (split(q_BKGTH), split(k, int(stacked)), split(v, int(stacked)),
+  stacked = int(layer is not None)
+  groups = (split(q_BKGTH), split(k, stacked), split(v, stacked),
             SlotMask(*(split(x) for x in mask[:3]), mask.num_slots),
             None if new is None else tuple(split(x) for x in new))
-  axes = (0, int(stacked), int(stacked), SlotMask(0, 0, 0, None),
-          None if new is None else (0, 0, 0))
-  blocks_D = jax.vmap(lambda m: jnp.sum(_blocks_needed(m, c)), (SlotMask(0, 0, 0, None),))(
-      groups[3])
-  budgets = pair_budgets(b // d, s, c)
+  axes = (0, stacked, stacked, SlotMask(0, 0, 0, None), None if new is None else (0, 0, 0))
 
   def read(num_pairs: int) -> Array:
-    fn = functools.partial(_ragged_group, layer=layer, num_pairs=num_pairs, block_size=c)
+    pairs = jax.tree.map(lambda x: x[:, :num_pairs], plan.pairs)
+    fn = functools.partial(_ragged_group, layer=layer, block_size=c)
     if d == 1:  # no split: a [1, B, ..] view of a written cache made XLA copy it
-      return fn(q_BKGTH, k, v, mask, new=new)
-    out = jax.vmap(lambda q, kk, vv, m, nw: fn(q, kk, vv, m, new=nw), axes)(*groups)
+      return fn(q_BKGTH, k, v, mask._replace(pairs=None), new=new,
+                pairs=jax.tree.map(lambda x: x[0], pairs))
+    out = jax.vmap(lambda q, kk, vv, m, nw, pr: fn(q, kk, vv, m, new=nw, pairs=pr),
+                   axes + (0,))(*groups, pairs)
     return out.reshape((b,) + out.shape[2:])
 
   if len(budgets) == 1:
     return read(budgets[0])
-  branch = jnp.sum(jnp.asarray(budgets[:-1], jnp.int32) < jnp.max(blocks_D))
+  branch = jnp.sum(jnp.asarray(budgets[:-1], jnp.int32) < plan.need)
   return jax.lax.switch(branch, [functools.partial(read, p) for p in budgets])

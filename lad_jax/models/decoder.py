@@ -293,11 +293,15 @@ def _attend_written_slots(q_BKGTH: Array, k: Array, v: Array, mask: decode_atten
   """`decode_attention.attend_ragged` or `attend_prefix` (cfg.decode_attention) over a cache
   (k [(L,) B, K, H, S], v [(L,) B, K, S, H]); ragged rows split by the mesh's batch shards."""
   if cfg.decode_attention == "ragged":
-    groups = sharding.num_shards("cache_batch", q_BKGTH.shape[0])
     return decode_attention.attend_ragged(q_BKGTH, k, v, mask, block_size=cfg.decode_block_size,
-                                          row_groups=groups, **kwargs)
+                                          row_groups=_row_groups(q_BKGTH.shape[0]), **kwargs)
   return decode_attention.attend_prefix(q_BKGTH, k, v, mask, block_size=cfg.decode_block_size,
                                         **kwargs)
+
+
+def _row_groups(batch: int) -> int:
+  """Row groups of a ragged read: the mesh's shards of the cache rows (1 without a mesh)."""
+  return sharding.num_shards("cache_batch", batch)
 
 
 def _attend_written_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array,
@@ -548,6 +552,18 @@ def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bo
   return _Masks((cache.k, cache.v), mask, mask_new_BTT, new_seg_BS)
 
 
+def _with_ragged_pairs(masks: _Masks, cfg: ModelConfig, cache_slots: int) -> _Masks:
+  """`masks` with the step's ragged (row, block) pairs computed once for every layer, when the
+  layers read the cache that way (`decode_attention.attend_ragged`)."""
+  if (masks.layer_caches is None or cfg.decode_attention != "ragged"
+      or not reads_prefix_window(cfg, cache_slots)):
+    return masks
+  m = masks.mask
+  pairs = decode_attention.ragged_pairs(m, block_size=cfg.decode_block_size,
+                                        row_groups=_row_groups(m.slot_seg_BS.shape[0]))
+  return masks._replace(mask=m._replace(pairs=pairs))
+
+
 def _write_new_kv(cache: KVCache, new_kv: Any, layers_wrote: bool) -> tuple[Any, Any]:
   """The cache's (k, v) with every layer's T new slots written at [index, index + T).
 
@@ -620,6 +636,8 @@ class Decoder(nn.Module):
       positions_BT = default_positions(seg_BT, None if cache is None else cache.next_position)
     sin_BTh, cos_BTh = rope.sin_cos(positions_BT, cfg)
     masks = _attention_masks(seg_BT, cache, cache_is_empty)
+    if cache is not None:
+      masks = _with_ragged_pairs(masks, cfg, cache.max_length)
 
     embed = Embed(cfg, name="embed_tokens")
     x_BTD = sharding.constrain(embed(tokens_BT), ACT_BTD)
