@@ -75,7 +75,7 @@ def main() -> None:
   ap.add_argument("--per_layer", action="store_true", help="the per-layer cache (CPU default)")
   ap.add_argument("--clock", choices=("wall", "cpu"), default="wall")
   ap.add_argument("--model", choices=tuple(MODELS), default="tiny")
-  ap.add_argument("--attention", choices=("ragged", "window"), default="ragged",
+  ap.add_argument("--attention", choices=("auto", "ragged", "window"), default="auto",
                   help="decode_attention of both samplers")
   ap.add_argument("--block", type=int, default=ModelConfig.decode_block_size,
                   help="decode_block_size of both samplers")

@@ -9,8 +9,8 @@ slots (prompt bucket 32 + response bucket 64, 544, 2080). For each bucket, the s
 (the GPU / TPU layout: layer scan) and the per-layer cache (CPU's default: layers unrolled),
 with attention over the whole bucket (`decode_block_size=0`, the old path) and over the written
 slots only (`lad_jax.models.decode_attention`, blocks of the default `decode_block_size`):
-"window" reads the prefix window that holds the longest row, "ragged" (the default) each
-row's own written blocks.
+"window" reads the prefix window that holds the longest row, "ragged" each row's own written
+blocks, "auto" (the default) per step whichever reads less.
 
 Timed: the jitted decode loop alone (the prefill of each call is done and waited for first),
 the best of `repeats` calls after a warm-up, the buckets timed in turns; ms per step = (time
@@ -18,7 +18,7 @@ of new_tokens tokens - time of 1 token) / (new_tokens - 1), so the per-call cost
 loop is left out (each step feeds a token through the model and samples the next). Other load
 on the machine makes single numbers noisy: compare within a run (`--clock cpu` is steadier).
 Prints a table and ratios; the last line is `bucket_cost_ratio=<ms at 2112 / ms at 96>` of the
-ragged reads on the stacked cache.
+default ("auto") on the stacked cache.
 """
 
 from __future__ import annotations
@@ -101,9 +101,10 @@ def main() -> None:
         + "  2112/96")
   ms = {}
   for per_layer in (False, True):
-    for name, block in (("old", 0), ("window", args.block), ("ragged", args.block)):
+    for name, block in (("old", 0), ("window", args.block), ("ragged", args.block),
+                        ("auto", args.block)):
       cfg = base.replace(decode_block_size=block,
-                         decode_attention="window" if name == "window" else "ragged")
+                         decode_attention="auto" if name == "old" else name)
       row = _ms_per_step(cfg, params, prompts, per_layer=per_layer, group=group,
                          new_tokens=args.new_tokens, repeats=args.repeats, clock=clock)
       ms[per_layer, name] = row
@@ -111,12 +112,12 @@ def main() -> None:
       print(f"{layout:>9} {name:>10} " + " ".join(f"{m:8.2f}" for m in row)
             + f"  {row[-1] / row[0]:7.2f}")
   for per_layer in (False, True):
-    old, window, ragged = (ms[per_layer, n] for n in ("old", "window", "ragged"))
+    old, window, auto = (ms[per_layer, n] for n in ("old", "window", "auto"))
     layout = "per-layer" if per_layer else "stacked"
-    print(f"{layout}: at {BUCKETS[-1]} slots old/ragged = {old[-1] / ragged[-1]:.2f}, "
-          f"window/ragged = {window[-1] / ragged[-1]:.2f}")
-  ragged = ms[False, "ragged"]
-  print(f"bucket_cost_ratio={ragged[-1] / ragged[0]:.3f}")
+    print(f"{layout}: at {BUCKETS[-1]} slots old/auto = {old[-1] / auto[-1]:.2f}, "
+          f"window/auto = {window[-1] / auto[-1]:.2f}")
+  auto = ms[False, "auto"]
+  print(f"bucket_cost_ratio={auto[-1] / auto[0]:.3f}")
 
 
 if __name__ == "__main__":

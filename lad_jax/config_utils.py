@@ -90,8 +90,9 @@ def _model_section() -> ConfigDict:
   # Decode reads a prefix window of the KV cache: the smallest of this x 1, 2, 4, .. that holds
   # the written slots (0: the whole bucket).
   s.decode_block_size = 32
-  # ragged: each row reads its own written blocks; window: every row the longest row's window.
-  s.decode_attention = "ragged"
+  # ragged: each row reads its own written blocks; window: every row the longest row's window;
+  # auto: per step, whichever reads less.
+  s.decode_attention = "auto"
   # ModelConfig fields of a random model (source="random"), e.g. testing.TINY.
   s.random = ConfigDict()
   return s

@@ -17,7 +17,8 @@ from lad_jax import sampler as sampler_lib
 from lad_jax.models import decode_attention, testing
 
 B, K, G, T, H, S = 3, 2, 2, 2, 8, 20
-ATTEND = {"window": decode_attention.attend_prefix, "ragged": decode_attention.attend_ragged}
+ATTEND = {"window": decode_attention.attend_prefix, "ragged": decode_attention.attend_ragged,
+          "auto": decode_attention.attend_auto}
 
 
 def _numpy_attention(q, k_BKHS, v_BKSH, mask_BTS):
@@ -83,6 +84,25 @@ def test_ragged_rows_read_only_their_own_blocks(row_groups):
   np.testing.assert_array_equal(decode_attention._blocks_needed(mask, 3), [1, 7, 0])  # pylint: disable=protected-access
 
 
+def test_auto_reads_ragged_only_when_it_reads_less():
+  """8 rows in a 64-slot cache, blocks of 4: all at 30 slots -> the window (32 slots a row,
+  ragged 8 blocks a row: no saving); one at 30 and the rest at 4, or all but one ended -> the
+  rows' own blocks (9 or 8 blocks vs 8 x 32 window slots)."""
+  def prefers(limits, live=None):
+    b = len(limits)
+    live = np.ones(b, bool) if live is None else np.asarray(live)
+    mask = decode_attention.SlotMask(
+        jnp.asarray(live[:, None].astype(np.int32)), jnp.ones((b, 64), jnp.int32),
+        jnp.asarray(np.asarray(limits, np.int32)[:, None]),
+        jnp.int32(max(np.asarray(limits)[live])))
+    mask = mask._replace(pairs=decode_attention.ragged_pairs(mask, block_size=4))
+    return bool(decode_attention.prefers_ragged(mask, block_size=4))
+
+  assert not prefers([30] * 8)
+  assert prefers([30] + [4] * 7)
+  assert prefers([30] * 8, live=[True] + [False] * 7)
+
+
 def test_pair_budgets_grow_by_half_octaves_up_to_every_block():
   assert decode_attention.pair_budgets(64, 1056, 32) == (
       64, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 2112)
@@ -144,7 +164,7 @@ def test_cached_decoder_steps_equal_the_whole_bucket(per_layer, reader):
 
 
 @pytest.mark.parametrize("per_layer,temperature,reader", [
-    (True, 1.0, "ragged"), (False, 1.0, "ragged"), (False, 0.0, "ragged"),
+    (True, 1.0, "auto"), (False, 1.0, "auto"), (False, 0.0, "ragged"), (True, 1.0, "ragged"),
     (False, 1.0, "window")])
 def test_sampler_equals_whole_bucket_attention(per_layer, temperature, reader):
   """Same key: identical tokens and logp to ~1e-5, decode blocks of 5 slots (so several

@@ -28,7 +28,7 @@ _MODEL_TYPES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims")
 ATTENTION_IMPLS = ("auto", "einsum", "blockwise", "cudnn", "splash")  # lad_jax.models.attention
-DECODE_ATTENTIONS = ("ragged", "window")  # lad_jax.models.decode_attention
+DECODE_ATTENTIONS = ("auto", "ragged", "window")  # lad_jax.models.decode_attention
 _DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -146,9 +146,10 @@ class ModelConfig:
       bucket (for either attention_impl). 0 = attend over the whole bucket, empty slots
       masked.
     decode_attention: how a cached step reads the written slots (with decode_block_size > 0):
-      "ragged" (the default), each row its own written blocks of decode_block_size slots, so
-      a step's work follows the sum of the rows' lengths; "window", every row the prefix
-      window that holds the longest row (`decode_attention`).
+      "ragged", each row its own written blocks of decode_block_size slots (none once it has
+      ended), so a step's work follows the sum of the rows' lengths, through a gather that
+      copies them; "window", every row the prefix window that holds the longest row, no copy;
+      "auto" (the default), per step whichever reads less (`decode_attention.attend_auto`).
     bos_token_id, eos_token_ids, pad_token_id: special tokens from config.json, if given.
     initializer_range: stddev of the normal initialiser for fresh parameters.
   """
@@ -177,7 +178,7 @@ class ModelConfig:
   attention_block_size: int = 128
   attention_max_segments: int = 16
   decode_block_size: int = 32
-  decode_attention: str = "ragged"
+  decode_attention: str = "auto"
   bos_token_id: Optional[int] = None
   eos_token_ids: tuple[int, ...] = ()
   pad_token_id: Optional[int] = None

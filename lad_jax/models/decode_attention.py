@@ -335,3 +335,36 @@ def attend_ragged(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_s
     return read(budgets[0])
   branch = jnp.sum(jnp.asarray(budgets[:-1], jnp.int32) < plan.need)
   return jax.lax.switch(branch, [functools.partial(read, p) for p in budgets])
+
+
+# ------------------------------------------------------------------------------------------------
+# The cheaper of the two, per step
+
+# A ragged slot costs about this many window slots: its gather writes a copy that the matmuls
+# read again (CPU: ~1.2-2x per slot read, measured with benchmarks/decode_scaling.py).
+RAGGED_SLOT_COST = 2
+
+
+def prefers_ragged(mask: SlotMask, *, block_size: int, row_groups: int = 1) -> Array:
+  """[] bool: whether `attend_auto` reads this step ragged (mask.pairs set)."""
+  b, s = mask.slot_seg_BS.shape
+  sizes = jnp.asarray(window_sizes(s, block_size), jnp.int32)
+  window = sizes[jnp.sum(sizes[:-1] < mask.num_slots)]
+  slots = mask.pairs.need * max(1, min(block_size, s))
+  return RAGGED_SLOT_COST * slots <= (b // row_groups) * window
+
+
+def attend_auto(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_size: int,
+                layer: Optional[Array] = None,
+                new: Optional[tuple[Array, Array, Array]] = None,
+                row_groups: int = 1) -> Array:
+  """`attend_ragged` when its blocks hold at most 1 / RAGGED_SLOT_COST of the slots the
+  prefix window would read for every row (rows at different lengths, or ended), else
+  `attend_prefix` (rows at about the same length, as in lock step before any row ends); chosen
+  per step by a `lax.cond`. Args and result as `attend_prefix`."""
+  if mask.pairs is None:
+    mask = mask._replace(pairs=ragged_pairs(mask, block_size=block_size, row_groups=row_groups))
+  kw = dict(block_size=block_size, layer=layer, new=new)
+  return jax.lax.cond(prefers_ragged(mask, block_size=block_size, row_groups=row_groups),
+                      lambda: attend_ragged(q_BKGTH, k, v, mask, row_groups=row_groups, **kw),
+                      lambda: attend_prefix(q_BKGTH, k, v, mask, **kw))

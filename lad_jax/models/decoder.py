@@ -290,11 +290,14 @@ def reads_prefix_window(cfg: ModelConfig, cache_slots: int) -> bool:
 
 def _attend_written_slots(q_BKGTH: Array, k: Array, v: Array, mask: decode_attention.SlotMask,
                           cfg: ModelConfig, **kwargs: Any) -> Array:
-  """`decode_attention.attend_ragged` or `attend_prefix` (cfg.decode_attention) over a cache
+  """`decode_attention.attend_auto`, `attend_ragged` or `attend_prefix` (cfg.decode_attention)
+  over a cache
   (k [(L,) B, K, H, S], v [(L,) B, K, S, H]); ragged rows split by the mesh's batch shards."""
-  if cfg.decode_attention == "ragged":
-    return decode_attention.attend_ragged(q_BKGTH, k, v, mask, block_size=cfg.decode_block_size,
-                                          row_groups=_row_groups(q_BKGTH.shape[0]), **kwargs)
+  if cfg.decode_attention in ("auto", "ragged"):
+    attend = (decode_attention.attend_auto if cfg.decode_attention == "auto"
+              else decode_attention.attend_ragged)
+    return attend(q_BKGTH, k, v, mask, block_size=cfg.decode_block_size,
+                  row_groups=_row_groups(q_BKGTH.shape[0]), **kwargs)
   return decode_attention.attend_prefix(q_BKGTH, k, v, mask, block_size=cfg.decode_block_size,
                                         **kwargs)
 
@@ -555,7 +558,7 @@ def _attention_masks(seg_BT: Array, cache: Optional[KVCache], cache_is_empty: bo
 def _with_ragged_pairs(masks: _Masks, cfg: ModelConfig, cache_slots: int) -> _Masks:
   """`masks` with the step's ragged (row, block) pairs computed once for every layer, when the
   layers read the cache that way (`decode_attention.attend_ragged`)."""
-  if (masks.layer_caches is None or cfg.decode_attention != "ragged"
+  if (masks.layer_caches is None or cfg.decode_attention == "window"
       or not reads_prefix_window(cfg, cache_slots)):
     return masks
   m = masks.mask
