@@ -206,9 +206,16 @@ def ragged_pairs(mask: SlotMask, *, block_size: int, row_groups: int = 1) -> Rag
   if b % row_groups:
     raise ValueError(f"{b} rows do not split into {row_groups} row groups.")
   blocks_DR = _blocks_needed(mask, c).reshape(row_groups, b // row_groups)
-  most = pair_budgets(b // row_groups, s, c)[-1]
-  pairs = jax.vmap(lambda n_R: _pairs(n_R, most, c, s))(blocks_DR)
-  return RaggedPairs(pairs, jnp.max(jnp.sum(blocks_DR, axis=1)))
+  need = jnp.max(jnp.sum(blocks_DR, axis=1))
+  budgets = pair_budgets(b // row_groups, s, c)
+
+  def upto(num_pairs: int) -> _Pairs:  # the first num_pairs, padded: work ~ the budget read
+    pairs = jax.vmap(lambda n_R: _pairs(n_R, num_pairs, c, s))(blocks_DR)
+    return jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, budgets[-1] - num_pairs))), pairs)
+
+  branch = jnp.sum(jnp.asarray(budgets[:-1], jnp.int32) < need)
+  pairs = jax.lax.switch(branch, [functools.partial(upto, p) for p in budgets])
+  return RaggedPairs(pairs, need)
 
 
 def _pairs(blocks_R: Array, num_pairs: int, block_size: int, num_slots: int) -> _Pairs:
