@@ -147,8 +147,10 @@ def test_outputs_trimmed_to_the_length_bucket(tiny):
     got = smp.sample(params, _prompts(2, seed=3), jax.random.key(1), group_size=G,
                      max_new_tokens=MAX_NEW, row_limits=[3, 9, 5, 2, 1, 4])
     assert got.response_tokens.shape == (6, width)
-    for f in ("response_tokens", "response_mask", "logp"):
+    for f in ("response_tokens", "response_mask"):
       np.testing.assert_array_equal(getattr(got, f), np.asarray(getattr(full, f))[:, :width])
+    # Lock step and continuous may read the cache differently (`decode_attention=auto`).
+    np.testing.assert_allclose(got.logp, np.asarray(full.logp)[:, :width], atol=2e-5)
     np.testing.assert_array_equal(got.lengths, full.lengths)
 
 
