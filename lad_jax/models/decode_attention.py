@@ -191,9 +191,10 @@ class _Pairs(NamedTuple):
 
 
 class RaggedPairs(NamedTuple):
-  """A step's (row, block) pairs, one list per row group ([D, P], P = the largest budget, in
-  row order: a smaller budget reads a prefix), as `_Pairs` fields, and need: [] int32 the
-  most pairs any group reads."""
+  """A step's (row, block) pairs, one list per row group in row order: the pairs of the budget
+  read (the smallest of `pair_budgets` >= need), padded to the largest budget ([D, P] `_Pairs`
+  fields, so every budget's branch slices the same arrays), and need: [] int32 the most pairs
+  any group reads."""
 
   pairs: _Pairs
   need: Array
