@@ -2,6 +2,7 @@
 
   python benchmarks/continuous_batching.py [--rows 256] [--slots 64] [--max_new 1024]
       [--repeats 2] [--per_layer] [--clock wall|cpu] [--model tiny|small]
+      [--attention auto|ragged|window] [--block 32]
 
 A tiny random Qwen2 (`lad_jax.models.testing.tiny_config`: 2 layers, hidden 64, vocab 128, so a
 decode step is nearly all KV-cache reads), or with `--model small` one whose weights weigh about
@@ -14,7 +15,10 @@ Both samplers decode `slots` rows at a time and produce the same rows (tests/tes
   lock step   `Sampler(rows_per_call=slots)`: chunks of `slots` rows, each decoded until its
               longest row ends;
   continuous  `ContinuousSampler(decode_slots=slots)`: a slot takes the next row as soon as its
-              row ends (refills of slots // 8).
+              row ends (refills of slots // 8), its slots halving in the tail (down to
+              slots // 8) once no row waits.
+Both read the cache with `--attention` (`model.decode_attention`; ragged reads also spare lock
+step the attention of rows that ended, so compare `--attention window` for batching alone).
 Useful tokens = the sum of the lengths (the same work on both sides); tokens/s = that over the
 wall time of one `sample` call (after a compiling warm-up, best of `repeats`, the two timed in
 turns). Also printed: decode steps x slots each side runs (lock step: the sum of its chunks'

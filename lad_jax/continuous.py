@@ -75,6 +75,10 @@ class Slots:
   logp_NR: Array
 
 
+# The Slots fields with one entry per slot (all but the cache).
+_ROW_FIELDS = ("tok_N", "step_N", "limit_N", "row_N", "done_N", "tokens_NR", "logp_NR")
+
+
 class Refill(NamedTuple):
   """K waiting rows for free slots (entries with slot_K = N are padding and dropped).
 
@@ -213,9 +217,6 @@ def compact(slots: Slots, keep_M: Array) -> Slots:
   rows = lambda x: jnp.take(x, keep_M, axis=0)
   return Slots(cache=slots.cache.take_rows(keep_M),
                **{f: rows(getattr(slots, f)) for f in _ROW_FIELDS})
-
-
-_ROW_FIELDS = ("tok_N", "step_N", "limit_N", "row_N", "done_N", "tokens_NR", "logp_NR")
 
 
 # ------------------------------------------------------------------------------------------------

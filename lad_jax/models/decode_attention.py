@@ -111,6 +111,12 @@ def window_sizes(num_slots: int, block_size: int) -> tuple[int, ...]:
   return tuple(sizes) + (num_slots,)
 
 
+def _smallest_holding(sizes: tuple[int, ...], n: Array) -> Array:
+  """[] int32 index of the first of the increasing static `sizes` that is >= n (the last if
+  none is): the branch of a `lax.switch` over them."""
+  return jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < n)
+
+
 def _read_prefix(k: Array, v: Array, layer: Optional[Array], w: int) -> tuple[Array, Array]:
   """Slots [0, w) of keys [(L,) B, K, H, S] and values [(L,) B, K, S, H] (of `layer` when
   stacked): (k [B, K, H, w], v [B, K, w, H])."""
@@ -158,8 +164,8 @@ def attend_prefix(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_s
 
   if len(sizes) == 1:
     return read(sizes[0])
-  branch = jnp.sum(jnp.asarray(sizes[:-1], jnp.int32) < mask.num_slots)
-  return jax.lax.switch(branch, [functools.partial(read, w) for w in sizes])
+  return jax.lax.switch(_smallest_holding(sizes, mask.num_slots),
+                        [functools.partial(read, w) for w in sizes])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,8 +220,8 @@ def ragged_pairs(mask: SlotMask, *, block_size: int, row_groups: int = 1) -> Rag
     pairs = jax.vmap(lambda n_R: _pairs(n_R, num_pairs, c, s))(blocks_DR)
     return jax.tree.map(lambda x: jnp.pad(x, ((0, 0), (0, budgets[-1] - num_pairs))), pairs)
 
-  branch = jnp.sum(jnp.asarray(budgets[:-1], jnp.int32) < need)
-  pairs = jax.lax.switch(branch, [functools.partial(upto, p) for p in budgets])
+  pairs = jax.lax.switch(_smallest_holding(budgets, need),
+                         [functools.partial(upto, p) for p in budgets])
   return RaggedPairs(pairs, need)
 
 
@@ -322,42 +328,52 @@ def attend_ragged(q_BKGTH: Array, k: Array, v: Array, mask: SlotMask, *, block_s
   c, d = max(1, min(block_size, s)), row_groups
   plan = ragged_pairs(mask, block_size=c, row_groups=d) if mask.pairs is None else mask.pairs
   budgets = pair_budgets(b // d, s, c)
-  split = lambda x, axis=0: x.reshape(x.shape[:axis] + (d, b // d) + x.shape[axis + 1:])
-  stacked = int(layer is not None)
-  groups = (split(q_BKGTH), split(k, stacked), split(v, stacked),
-            SlotMask(*(split(x) for x in mask[:3]), mask.num_slots),
-            None if new is None else tuple(split(x) for x in new))
-  axes = (0, stacked, stacked, SlotMask(0, 0, 0, None), None if new is None else (0, 0, 0))
 
   def read(num_pairs: int) -> Array:
     pairs = jax.tree.map(lambda x: x[:, :num_pairs], plan.pairs)
     fn = functools.partial(_ragged_group, layer=layer, block_size=c)
     if d == 1:  # no split: a [1, B, ..] view of a written cache made XLA copy it
-      return fn(q_BKGTH, k, v, mask._replace(pairs=None), new=new,
-                pairs=jax.tree.map(lambda x: x[0], pairs))
-    out = jax.vmap(lambda q, kk, vv, m, nw, pr: fn(q, kk, vv, m, new=nw, pairs=pr),
-                   axes + (0,))(*groups, pairs)
-    return out.reshape((b,) + out.shape[2:])
+      return fn(q_BKGTH, k, v, mask, new=new, pairs=jax.tree.map(lambda x: x[0], pairs))
+    return _per_row_group(fn, d, q_BKGTH, k, v, mask, new, pairs, stacked=layer is not None)
 
   if len(budgets) == 1:
     return read(budgets[0])
-  branch = jnp.sum(jnp.asarray(budgets[:-1], jnp.int32) < plan.need)
-  return jax.lax.switch(branch, [functools.partial(read, p) for p in budgets])
+  return jax.lax.switch(_smallest_holding(budgets, plan.need),
+                        [functools.partial(read, p) for p in budgets])
+
+
+def _per_row_group(fn: Any, d: int, q_BKGTH: Array, k: Array, v: Array, mask: SlotMask,
+                   new: Optional[tuple[Array, Array, Array]], pairs_DP: _Pairs, *,
+                   stacked: bool) -> Array:
+  """fn (`_ragged_group`) vmapped over d row groups: the rows [B] viewed as [d, B / d] (after
+  the layer axis of a stacked cache), one pair list each."""
+  b = q_BKGTH.shape[0]
+  split = lambda x, axis=0: x.reshape(x.shape[:axis] + (d, b // d) + x.shape[axis + 1:])
+  axis = int(stacked)
+  groups = (split(q_BKGTH), split(k, axis), split(v, axis),
+            SlotMask(*(split(x) for x in mask[:3]), mask.num_slots),
+            None if new is None else tuple(split(x) for x in new))
+  axes = (0, axis, axis, SlotMask(0, 0, 0, None), None if new is None else (0, 0, 0), 0)
+  out = jax.vmap(lambda q, kk, vv, m, nw, pr: fn(q, kk, vv, m, new=nw, pairs=pr),
+                 axes)(*groups, pairs_DP)
+  return out.reshape((b,) + out.shape[2:])
 
 
 # ------------------------------------------------------------------------------------------------
 # The cheaper of the two, per step
 
-# A ragged slot costs about this many window slots: its gather writes a copy that the matmuls
-# read again (CPU: ~1.2-2x per slot read, measured with benchmarks/decode_scaling.py).
+# What a ragged slot costs in window slots: its gather writes a copy that the matmuls read
+# again, and the segment max / sum come on top. Chosen, not tuned: with every row at the same
+# length ragged ran ~1.1-1.4x the window's time on CPU (benchmarks/decode_scaling.py,
+# benchmarks/sampler_vs_hf.py); a GPU's copy costs ~3 slots (the README's qwen7b estimate).
 RAGGED_SLOT_COST = 2
 
 
 def prefers_ragged(mask: SlotMask, *, block_size: int, row_groups: int = 1) -> Array:
   """[] bool: whether `attend_auto` reads this step ragged (mask.pairs set)."""
   b, s = mask.slot_seg_BS.shape
-  sizes = jnp.asarray(window_sizes(s, block_size), jnp.int32)
-  window = sizes[jnp.sum(sizes[:-1] < mask.num_slots)]
+  sizes = window_sizes(s, block_size)
+  window = jnp.asarray(sizes, jnp.int32)[_smallest_holding(sizes, mask.num_slots)]
   slots = mask.pairs.need * max(1, min(block_size, s))
   return RAGGED_SLOT_COST * slots <= (b // row_groups) * window
 

@@ -29,8 +29,8 @@ runs the layers unrolled instead, each writing its new slots into its own buffer
 reading it (no per-step copy of the layer's cache out of a stacked one; see
 `Decoder._unrolled_layers`). With `cfg.decode_block_size` > 0 (the default) a cached step reads
 only written slots (`decode_attention`: each row its own blocks, or the prefix window of the
-longest row, `cfg.decode_attention`), and the stacked cache is a carry of the layer scan that each layer writes, then reads
-(`Decoder._scanned_cached_layers`); 0 = the whole bucket, as described above. The caller
+longest row, `cfg.decode_attention`), and the stacked cache is a carry of the layer scan that
+each layer writes, then reads (`Decoder._scanned_cached_layers`); 0 = the whole bucket, as described above. The caller
 must keep index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies
 each prompt's cache to G samples. Without a cache (or with an empty one), the tokens attend
 among themselves through `lad_jax.models.attention` (`cfg.attention_impl`), by segment ids:
@@ -280,8 +280,9 @@ def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
 
 
 def reads_prefix_window(cfg: ModelConfig, cache_slots: int) -> bool:
-  """Whether a cached step reads a prefix window of the cache (`decode_attention`): with
-  `cfg.decode_block_size` > 0 and a cache of more than two blocks. A cache of one or two blocks
+  """Whether a cached step reads only written slots (`decode_attention`: a prefix window or
+  each row's blocks, `cfg.decode_attention`): with `cfg.decode_block_size` > 0 and a cache of
+  more than two blocks. A cache of one or two blocks
   is read whole: there the window's switch and slot masks cost about what the unwritten slots
   it skips do (SmolLM2, 16 x 8 rows, a 192-slot cache on CPU ran at 0.76x the whole-cache
   speed with the earlier block-loop reader)."""
@@ -291,8 +292,8 @@ def reads_prefix_window(cfg: ModelConfig, cache_slots: int) -> bool:
 def _attend_written_slots(q_BKGTH: Array, k: Array, v: Array, mask: decode_attention.SlotMask,
                           cfg: ModelConfig, **kwargs: Any) -> Array:
   """`decode_attention.attend_auto`, `attend_ragged` or `attend_prefix` (cfg.decode_attention)
-  over a cache
-  (k [(L,) B, K, H, S], v [(L,) B, K, S, H]); ragged rows split by the mesh's batch shards."""
+  over a cache (k [(L,) B, K, H, S], v [(L,) B, K, S, H]); ragged rows are split by the mesh's
+  batch shards."""
   if cfg.decode_attention in ("auto", "ragged"):
     attend = (decode_attention.attend_auto if cfg.decode_attention == "auto"
               else decode_attention.attend_ragged)

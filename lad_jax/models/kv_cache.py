@@ -73,23 +73,21 @@ class KVCache:
 
   def repeat(self, n: int) -> KVCache:
     """Each row repeated n times ([B] -> [B * n], rows of one prompt adjacent): G samples."""
-    axis = 0 if self.per_layer else 1
-    rep = lambda x: jnp.repeat(x, n, axis=axis)
-    return KVCache(
-        k=jax.tree.map(rep, self.k), v=jax.tree.map(rep, self.v),
-        segment_ids=jnp.repeat(self.segment_ids, n, axis=0),
-        index=self.index if self.index.ndim == 0 else jnp.repeat(self.index, n),
-        next_position=jnp.repeat(self.next_position, n, axis=0))
+    return self._map_rows(lambda x, axis: jnp.repeat(x, n, axis=axis))
 
   def take_rows(self, rows_M: Array) -> KVCache:
     """Rows rows_M [M] of the cache, in that order ([B] -> [M])."""
+    return self._map_rows(lambda x, axis: jnp.take(x, rows_M, axis=axis))
+
+  def _map_rows(self, fn: Any) -> KVCache:
+    """fn(x, row_axis) applied to every per-row field (a shared [] index is kept)."""
     axis = 0 if self.per_layer else 1
-    take = lambda x: jnp.take(x, rows_M, axis=axis)
     return KVCache(
-        k=jax.tree.map(take, self.k), v=jax.tree.map(take, self.v),
-        segment_ids=jnp.take(self.segment_ids, rows_M, axis=0),
-        index=self.index if self.index.ndim == 0 else jnp.take(self.index, rows_M),
-        next_position=jnp.take(self.next_position, rows_M, axis=0))
+        k=jax.tree.map(lambda x: fn(x, axis), self.k),
+        v=jax.tree.map(lambda x: fn(x, axis), self.v),
+        segment_ids=fn(self.segment_ids, 0),
+        index=self.index if self.index.ndim == 0 else fn(self.index, 0),
+        next_position=fn(self.next_position, 0))
 
   @staticmethod
   def logical_axes(num_layers: Optional[int] = None, per_row_index: bool = False) -> KVCache:
