@@ -8,9 +8,10 @@ Lock-step batching (`sampler.Sampler`) decodes a chunk of rows until its longest
 long-tailed response lengths (RLVR's are) most rows sit finished for most of the steps. Here
 the N = prompts x G rows wait in order and `decode_slots` rows decode at a time:
 
-  1. insert: up to K = `refill_rows` waiting rows are prefilled (their prompt left-padded to
-     the call's prompt bucket Tp, K at once) into free slots of the slots' KV cache, which has
-     one write index per row (`KVCache(per_row_index)`), and their first token is sampled;
+  1. insert: up to K = `refill_rows` waiting rows go into free slots of the slots' KV cache,
+     which has one write index per row (`KVCache(per_row_index)`): their U distinct prompts
+     (left-padded to the call's prompt bucket Tp) are prefilled once, each row gets a copy of
+     its prompt's cache, and its first token is sampled;
   2. decode: a `lax.while_loop` of decode steps over every slot, each row at its own step,
      that stops once K slots are free (or, with no row waiting, once every row has ended);
   3. take: the ended rows are read back to the host, cut at stop strings, and handed to
@@ -26,9 +27,9 @@ of row r is drawn from the uniform of `fold_in(fold_in(key, i), r)` as in `Sampl
 attends only its own written slots (blocks read for longer rows are masked out exactly), so a
 key gives the same tokens and log-probs up to float rounding of the batched matmuls.
 
-Costs: each row prefills its own prompt (lock step prefills a prompt once and copies its cache
-to the G samples), small next to the response when responses are much longer than prompts, as
-in RLVR; slots that ended wait for at most K - 1 others before they are refilled; one host round
+Costs: a refill prefills each of its prompts once and copies the prompt's cache to its rows (as
+lock step copies it to the G samples; a prompt whose rows fall in two refills is prefilled in
+both); slots that ended wait for at most K - 1 others before they are refilled; one host round
 trip (the ended flags) separates decode calls, and each slot count of the shrinking tail is
 its own compiled decode.
 """
@@ -80,15 +81,18 @@ _ROW_FIELDS = ("tok_N", "step_N", "limit_N", "row_N", "done_N", "tokens_NR", "lo
 
 
 class Refill(NamedTuple):
-  """K waiting rows for free slots (entries with slot_K = N are padding and dropped).
+  """K waiting rows for free slots (entries with slot_K = N are padding and dropped), and the U
+  distinct prompts they sample (a prompt's G rows share one prefill).
 
-  slot_K: int32 slots to fill; tokens_KT / mask_KT: the rows' prompts left-padded to Tp;
-  row_K: int32 the rows' indices in the output; limit_K: int32 their token limits.
+  slot_K: int32 slots to fill; tokens_UT / mask_UT: the prompts left-padded to Tp;
+  prompt_K: int32 each row's prompt in [0, U); row_K: int32 the rows' indices in the output;
+  limit_K: int32 their token limits.
   """
 
   slot_K: Array
-  tokens_KT: Array
-  mask_KT: Array
+  tokens_UT: Array
+  mask_UT: Array
+  prompt_K: Array
   row_K: Array
   limit_K: Array
 
@@ -150,14 +154,16 @@ def place_rows(cache: KVCache, new: KVCache, slot_K: Array) -> KVCache:
 
 def insert(smp: sampler_lib.Sampler, sampling: Sampling, params: Any, slots: Slots,
            refill: Refill, key: Array) -> Slots:
-  """Prefills the K refill rows into their slots and samples their first token (step 0,
-  from `fold_in(fold_in(key, 0), row)`, as `Sampler`)."""
-  k, tp = refill.tokens_KT.shape
-  cache = KVCache.init(smp.cfg, batch_size=k, max_length=tp, per_layer=smp.per_layer_cache)
-  out = smp.model.apply({"params": params}, refill.tokens_KT, mask_BT=refill.mask_KT,
+  """Prefills the U refill prompts once, copies each row's prompt cache into its slot and
+  samples the row's first token (step 0, from `fold_in(fold_in(key, 0), row)`, as `Sampler`:
+  like lock step, a prompt's rows share its prefill and first-token logits)."""
+  u, tp = refill.tokens_UT.shape
+  cache = KVCache.init(smp.cfg, batch_size=u, max_length=tp, per_layer=smp.per_layer_cache)
+  out = smp.model.apply({"params": params}, refill.tokens_UT, mask_BT=refill.mask_UT,
                         cache=cache, cache_is_empty=True, return_hidden=True,
                         compute_logits=False)
-  logits_KV = smp.lm_logits(params, out.hidden[:, -1])
+  logits_KV = smp.lm_logits(params, out.hidden[:, -1])[refill.prompt_K]
+  k = refill.slot_K.shape[0]
   u_K = sampler_lib.row_uniforms(jax.random.fold_in(key, 0), refill.row_K)
   tok_K, lp_K = sampler_lib.sample_logits(logits_KV, u_K, **sampling._asdict())
   r = slots.tokens_NR.shape[1]
@@ -165,7 +171,8 @@ def insert(smp: sampler_lib.Sampler, sampling: Sampling, params: Any, slots: Slo
   logp_KR = jnp.zeros((k, r), jnp.float32).at[:, 0].set(lp_K)
   ended_K = sampler_lib.is_eos(tok_K, np.asarray(smp.eos_ids, np.int32)) | (refill.limit_K <= 1)
   put = lambda x, v: x.at[refill.slot_K].set(v, mode="drop")
-  return Slots(cache=place_rows(slots.cache, out.cache, refill.slot_K),
+  return Slots(cache=place_rows(slots.cache, out.cache.take_rows(refill.prompt_K),
+                                refill.slot_K),
                tok_N=put(slots.tok_N, tok_K), step_N=put(slots.step_N, jnp.ones_like(tok_K)),
                limit_N=put(slots.limit_N, refill.limit_K), row_N=put(slots.row_N, refill.row_K),
                done_N=put(slots.done_N, ended_K), tokens_NR=put(slots.tokens_NR, first_KR),
@@ -298,8 +305,7 @@ class ContinuousSampler(sampler_lib.Sampler):
       while free.size and next_row < n:
         rows = np.arange(next_row, min(n, next_row + k, next_row + free.size))
         slot = free[:rows.size]
-        refill = self._refill(slot, rows, tokens_PT[rows // group_size],
-                              mask_PT[rows // group_size], limits_N[rows])
+        refill = self._refill(slot, rows, group_size, tokens_PT, mask_PT, limits_N[rows])
         slots = fns.insert(params, slots, refill, key)
         occupant[slot], next_row, free = rows, next_row + rows.size, free[rows.size:]
       if (occupant < 0).all():
@@ -333,14 +339,25 @@ class ContinuousSampler(sampler_lib.Sampler):
       half = self._halved(half)
     return slots, occupant
 
-  def _refill(self, slot: np.ndarray, rows: np.ndarray, tokens_KT: np.ndarray,
-              mask_KT: np.ndarray, limits: np.ndarray) -> Refill:
-    """A `Refill` of the given rows, padded to refill_rows entries (slot N: dropped)."""
-    pad = self.refill_rows - rows.size
-    fill = lambda x, v: np.concatenate([x, np.full((pad,) + x.shape[1:], v, x.dtype)])
-    refill = Refill(slot_K=fill(slot.astype(np.int32), self.decode_slots),
-                    tokens_KT=fill(tokens_KT, self.pad_id), mask_KT=fill(mask_KT, True),
-                    row_K=fill(rows.astype(np.int32), 0), limit_K=fill(limits, 1))
+  def refill_prompts(self, group_size: int) -> int:
+    """U, the most distinct prompts among refill_rows consecutive rows (G rows per prompt):
+    the rows a refill prefills."""
+    k = self.refill_rows
+    return min(k, (k + group_size - 2) // group_size + 1)
+
+  def _refill(self, slot: np.ndarray, rows: np.ndarray, group_size: int, tokens_PT: np.ndarray,
+              mask_PT: np.ndarray, limits: np.ndarray) -> Refill:
+    """A `Refill` of the given consecutive rows, padded to refill_rows entries (slot N:
+    dropped) and to `refill_prompts` prompts."""
+    first = rows[0] // group_size
+    prompts = np.arange(first, rows[-1] // group_size + 1)
+    pad, pad_u = self.refill_rows - rows.size, self.refill_prompts(group_size) - prompts.size
+    fill = lambda x, v, n: np.concatenate([x, np.full((n,) + x.shape[1:], v, x.dtype)])
+    refill = Refill(slot_K=fill(slot.astype(np.int32), self.decode_slots, pad),
+                    tokens_UT=fill(tokens_PT[prompts], self.pad_id, pad_u),
+                    mask_UT=fill(mask_PT[prompts], True, pad_u),
+                    prompt_K=fill((rows // group_size - first).astype(np.int32), 0, pad),
+                    row_K=fill(rows.astype(np.int32), 0, pad), limit_K=fill(limits, 1, pad))
     return jax.tree.map(lambda x: self._put(x, (None,) * x.ndim), refill)
 
   def _take(self, fns: _Fns, slots: Slots, slot: np.ndarray, occupant: np.ndarray,

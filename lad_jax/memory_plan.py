@@ -272,11 +272,11 @@ def _lower_continuous(sampler: Any, params: Any, layout: Layout, s: Any) -> tupl
   fns = sampler._fns_for(  # pylint: disable=protected-access
       layout.prompt_len, layout.response_len,
       continuous.Sampling(float(s.temperature), float(s.top_p), int(s.top_k)))
-  k = sampler.refill_rows
+  k, u = sampler.refill_rows, sampler.refill_prompts(layout.group_size)
   ints = _sd((k,), jnp.int32)
-  refill = continuous.Refill(slot_K=ints, tokens_KT=_sd((k, layout.prompt_len), jnp.int32),
-                             mask_KT=_sd((k, layout.prompt_len), bool), row_K=ints,
-                             limit_K=ints)
+  refill = continuous.Refill(slot_K=ints, tokens_UT=_sd((u, layout.prompt_len), jnp.int32),
+                             mask_UT=_sd((u, layout.prompt_len), bool), prompt_K=ints,
+                             row_K=ints, limit_K=ints)
   params = with_shardings(params, sampler.param_shardings)
   key = jax.eval_shape(lambda: jax.random.key(0))
   with sharding.use_mesh(sampler.mesh):

@@ -189,6 +189,59 @@ def test_tail_shrinks_to_the_active_rows(tiny):
   assert set(sizes) <= {16, 8, 4, 2}
 
 
+@pytest.mark.parametrize("refill", range(1, 13))
+def test_refill_prompts_holds_every_refill(refill):
+  """refill_prompts(G) is the most prompts any refill_rows consecutive rows span, for every
+  start row (brute force)."""
+  cont = continuous.ContinuousSampler(models.Decoder(testing.tiny_config()), eos_ids=(),
+                                      pad_id=0, decode_slots=12, refill_rows=refill)
+  for g in range(1, 10):
+    most = max(len(set(range(a, a + refill))) if g == 1 else
+               len({r // g for r in range(a, a + refill)}) for a in range(2 * g))
+    assert cont.refill_prompts(g) == most, (refill, g)
+
+
+def test_refills_prefill_each_prompt_once(tiny):
+  """During a call every refill prefills refill_prompts(G) prompts, each of its rows pointing
+  at its own prompt; a refill equals one that prefills every row's prompt on its own."""
+  cfg, params = tiny
+  _, cont = _pair(cfg, per_layer=False, slots=8, refill=5)
+  prompts, refills = _prompts(), []
+  fns_for = cont._fns_for  # pylint: disable=protected-access
+
+  def spy(*args):
+    fns = fns_for(*args)
+    def insert(params, slots, refill, key):
+      refills.append(
+          (jax.tree.map(np.asarray, refill), jax.tree.map(np.asarray, slots)))
+      return fns.insert(params, slots, refill, key)
+    return fns._replace(insert=insert)
+
+  cont._fns_for = spy  # pylint: disable=protected-access
+  cont.sample(params, prompts, jax.random.key(1), group_size=G, max_new_tokens=MAX_NEW)
+  tokens_PT, _ = sampler_lib.left_pad(prompts, 16, PAD)
+  for refill, _ in refills:
+    assert refill.tokens_UT.shape == (cont.refill_prompts(G), 16)  # 5 rows, 3 prompts
+    used = refill.slot_K < 8
+    np.testing.assert_array_equal(refill.tokens_UT[refill.prompt_K[used]],
+                                  tokens_PT[refill.row_K[used] // G])
+  refill, before = refills[1]  # rows 5-9: prompts 1, 2, 3
+  sampling = continuous.Sampling(1.0, 1.0, 0)
+  shared = fns_for(16, 24, sampling).insert(params, jax.tree.map(jnp.asarray, before), refill,
+                                            jax.random.key(1))
+  _, one_by_one = _pair(cfg, per_layer=False, slots=8, refill=1)
+  alone = jax.tree.map(jnp.asarray, before)
+  for i in range(5):  # each row on its own: its prompt prefilled for it alone
+    row = continuous.Refill(
+        slot_K=refill.slot_K[i:i + 1], tokens_UT=refill.tokens_UT[refill.prompt_K[i:i + 1]],
+        mask_UT=refill.mask_UT[refill.prompt_K[i:i + 1]], prompt_K=np.zeros(1, np.int32),
+        row_K=refill.row_K[i:i + 1], limit_K=refill.limit_K[i:i + 1])
+    alone = one_by_one._fns_for(16, 24, sampling).insert(  # pylint: disable=protected-access
+        params, alone, row, jax.random.key(1))
+  for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(alone)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+
+
 def test_sharded_equals_unsharded(tiny):
   """8 simulated devices (data 2 x fsdp 2 x tensor 2): the single-device rows."""
   cfg, params = tiny
