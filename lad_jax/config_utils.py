@@ -158,7 +158,7 @@ def _sampling_section() -> ConfigDict:
   # Continuous batching (lad_jax/continuous.py): decode this many rows at a time and refill a
   # row's slot as soon as it ends, instead of lock-step chunks of rows_per_call; 0 = lock step.
   s.decode_slots = 0
-  # Slots refilled together (one prefill); 0 = decode_slots // 8.
+  # Slots refilled together (one prefill of their distinct prompts); 0 = decode_slots // 8.
   s.refill_rows = 0
   # Once no row waits, the slots halve while the active rows fit, down to this; 0 =
   # decode_slots // 8; decode_slots = never shrink (one compiled decode per slot count).

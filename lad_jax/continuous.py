@@ -246,8 +246,9 @@ class ContinuousSampler(sampler_lib.Sampler):
   Args:
     decode_slots: N, rows decoded at a time (the KV cache holds N x (Tp + R) slots; this
       replaces rows_per_call's chunks).
-    refill_rows: K, slots refilled together (one prefill of K prompts); decoding pauses for a
-      refill once K slots are free. None = max(1, decode_slots // 8).
+    refill_rows: K, slots refilled together (one prefill of their distinct prompts,
+      `refill_prompts`); decoding pauses for a refill once K slots are free. None =
+      max(1, decode_slots // 8).
     min_decode_slots: once no row waits, the slots halve while the active rows fit, down to
       this (rounded up to the mesh's batch shards); decode_slots = never shrink. None =
       max(1, decode_slots // 8).
