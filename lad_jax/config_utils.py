@@ -87,8 +87,8 @@ def _model_section() -> ConfigDict:
   s.attention_impl = "auto"
   # Most packed sequences per row the cuDNN path handles (train.pack never puts more in a row).
   s.attention_max_segments = 16
-  # Decode reads a prefix window of the KV cache: the smallest of this x 1, 2, 4, .. that holds
-  # the written slots (0: the whole bucket).
+  # Decode reads only written KV-cache slots, in blocks of this many (decode_attention below;
+  # 0: the whole bucket).
   s.decode_block_size = 32
   # ragged: each row reads its own written blocks; window: every row the longest row's window;
   # auto: per step, whichever reads less.

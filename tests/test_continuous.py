@@ -196,8 +196,7 @@ def test_refill_prompts_holds_every_refill(refill):
   cont = continuous.ContinuousSampler(models.Decoder(testing.tiny_config()), eos_ids=(),
                                       pad_id=0, decode_slots=12, refill_rows=refill)
   for g in range(1, 10):
-    most = max(len(set(range(a, a + refill))) if g == 1 else
-               len({r // g for r in range(a, a + refill)}) for a in range(2 * g))
+    most = max(len({r // g for r in range(a, a + refill)}) for a in range(2 * g))
     assert cont.refill_prompts(g) == most, (refill, g)
 
 

@@ -5,7 +5,7 @@ all rows in lock step, or one per row with continuous batching) and to the new t
 Attending over the whole cache bucket and masking the empty slots costs work proportional to
 the bucket; here a step reads only written slots, in one of two ways (C = `decode_block_size`):
 
-  `attend_ragged` (`decode_attention="ragged"`, the default): row b reads its own
+  `attend_ragged` (`decode_attention="ragged"`): row b reads its own
     ceil(limit_b / C) blocks (none once it has ended), as (row, block) pairs gathered in one
     read; each query's softmax runs across its row's blocks. Work ~ the sum of the rows'
     written lengths: rows at different steps (continuous batching) or already ended (lock
@@ -16,6 +16,8 @@ the bucket; here a step reads only written slots, in one of two ways (C = `decod
     4C, ..., S that holds the longest row, picked at run time by a `lax.switch` over those
     static sizes: B x (at most twice the longest row), one softmax and two matmuls per layer,
     no gather; as cheap when all rows are at the same length.
+  `attend_auto` (`"auto"`, the default): per step, the ragged read when its blocks hold at
+    most 1 / RAGGED_SLOT_COST of the window's slots, else the window.
 
 Scores are float32 (the probabilities are cast to the value dtype only as a matmul operand,
 with float32 accumulation); slots in the window but not attended (unwritten, other segments,

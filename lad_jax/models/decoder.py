@@ -30,8 +30,8 @@ reading it (no per-step copy of the layer's cache out of a stacked one; see
 `Decoder._unrolled_layers`). With `cfg.decode_block_size` > 0 (the default) a cached step reads
 only written slots (`decode_attention`: each row its own blocks, or the prefix window of the
 longest row, `cfg.decode_attention`), and the stacked cache is a carry of the layer scan that
-each layer writes, then reads (`Decoder._scanned_cached_layers`); 0 = the whole bucket, as described above. The caller
-must keep index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies
+each layer writes, then reads (`Decoder._scanned_cached_layers`); 0 = the whole bucket, as
+described above. The caller must keep index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies
 each prompt's cache to G samples. Without a cache (or with an empty one), the tokens attend
 among themselves through `lad_jax.models.attention` (`cfg.attention_impl`), by segment ids:
 no [T, T] mask.
@@ -282,10 +282,10 @@ def _attend_no_cache(q_BTNH: Array, k_BKTH: Array, v_BKTH: Array, seg_BT: Array,
 def reads_prefix_window(cfg: ModelConfig, cache_slots: int) -> bool:
   """Whether a cached step reads only written slots (`decode_attention`: a prefix window or
   each row's blocks, `cfg.decode_attention`): with `cfg.decode_block_size` > 0 and a cache of
-  more than two blocks. A cache of one or two blocks
-  is read whole: there the window's switch and slot masks cost about what the unwritten slots
-  it skips do (SmolLM2, 16 x 8 rows, a 192-slot cache on CPU ran at 0.76x the whole-cache
-  speed with the earlier block-loop reader)."""
+  more than two blocks. A cache of one or two blocks is read whole: there the window's switch
+  and slot masks cost about what the unwritten slots it skips do (SmolLM2, 16 x 8 rows, a
+  192-slot cache on CPU ran at 0.76x the whole-cache speed with the earlier block-loop
+  reader)."""
   return cfg.decode_block_size > 0 and cache_slots > 2 * cfg.decode_block_size
 
 
