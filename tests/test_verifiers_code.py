@@ -67,8 +67,6 @@ HOSTILE = {
     "fork_bomb_setsid": ("    import os, time\n    while True:\n        try:\n"
                          "            if os.fork() == 0:\n                os.setsid()\n"
                          "        except OSError:\n            time.sleep(0.01)\n"),
-    "memory_bomb": "    x = bytearray(8 * 1024 ** 3)\n    return a + b\n",
-    "memory_creep": "    l = []\n    while True:\n        l.append(' ' * 10 ** 7)\n",
     "exit_before_asserts": "    import os\n    os._exit(0)\n",
     "sys_exit_before_asserts": "    import sys\n    sys.exit(0)\n",
     "fake_success_line": ("    import sys\n    print('All tests passed!')\n    print('0' * 32)\n"
@@ -123,14 +121,34 @@ def test_hostile_program_is_contained(verifier, name):
     assert result.reason == "output_limit"
   if name == "infinite_loop":
     assert result.reason == "timeout"
-  if name.startswith("memory"):
-    assert "MemoryError" in result.details  # RLIMIT_AS, long before the deadline
   if name.startswith("reads_"):
     assert "stdin is not readable" in result.details or "Bad file descriptor" in result.details
   # Nothing of the run is left on the host, and the verifier still works.
   _assert_no_leftover_processes()
   (ok,) = verifier.score_programs([GOOD_ADD], [ADD_TESTS])
   assert ok.correct, ok
+
+
+# One huge request, and many small ones that are written (so resident) until the limit.
+MEMORY_HOGS = {
+    "memory_bomb": "    x = bytearray(8 * 1024 ** 3)\n    return a + b\n",
+    "memory_creep": "    l = []\n    while True:\n        l.append(' ' * 10 ** 6)\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(MEMORY_HOGS))
+def test_memory_hog_meets_rlimit_as(name):
+  # RLIMIT_AS, not the deadline or the cgroup's OOM kill, ends it: the program sees MemoryError.
+  # The deadline is generous because writing pages is slow while another process (an xdist
+  # worker) is allocating; a CI run once needed more than 2 s to write 490 MiB.
+  with CodeVerifier(workers=1, timeout_s=30.0, memory_mb=128) as v:
+    result, elapsed = _timed_score(v, MEMORY_HOGS[name])
+    (ok,) = v.score_programs([GOOD_ADD], [ADD_TESTS])
+  assert (result.correct, result.reward, result.reason) == (False, 0.0, "failed"), result
+  assert "MemoryError" in result.details, result
+  assert elapsed < 30.0, elapsed
+  assert ok.correct, ok
+  _assert_no_leftover_processes()
 
 
 def test_fork_bomb_is_capped_by_nproc(verifier):
