@@ -217,6 +217,10 @@ def test_hung_item_times_out_and_pool_keeps_working(verifier):
   restarts = verifier.pool.restarts
   fast = MathVerifier(workers=2, timeout_s=1.0)
   try:
+    # A worker's first parse loads math-verify's grammar (~0.5 s here, more on a loaded host):
+    # warm both workers so that only the hung item can meet the 1 s deadline.
+    assert all(r.correct for r in fast.score([f"\\boxed{{{i}}}" for i in range(4)],
+                                        [str(i) for i in range(4)]))
     start = time.monotonic()
     hung, ok1, ok2 = fast.score(responses, golds)
     elapsed = time.monotonic() - start
