@@ -23,6 +23,7 @@ import numpy as np
 from lad_jax import bandit
 
 MODE_FLOOR = 0.01  # a correct answer is "kept" with >= 1% of the correct mass
+DROP_FACTOR = 0.1  # a correct answer is "dropped" in a phase when pi < 0.1 pi_old
 DISTINCT_K = 16
 
 
@@ -61,6 +62,15 @@ def h_correct(pi_PY, correct_PY) -> np.ndarray:
 def modes_kept(pi_PY, correct_PY, *, floor: float = MODE_FLOOR) -> np.ndarray:
   """Correct answers holding >= floor of the correct mass, [..., P] (as float)."""
   return (correct_part(pi_PY, correct_PY) >= floor).sum(axis=-1).astype(np.float64)
+
+
+def dropped(pi_PY, old_PY, correct_PY, *, factor: float = DROP_FACTOR) -> np.ndarray:
+  """Correct answers that lost most of their probability within a phase, [..., P] (as float):
+  pi(y) < factor pi_old(y). pi* never drops one here: a binary reward gives every correct answer
+  the top advantage, so pi*/pi_old is the same for all of them, and >= 1. A method that drops one
+  has lost a mode."""
+  lost = np.asarray(pi_PY, np.float64) < factor * np.asarray(old_PY, np.float64)
+  return (lost & np.asarray(correct_PY, bool)).sum(axis=-1).astype(np.float64)
 
 
 def distinct_correct(pi_PY, correct_PY, *, k: int = DISTINCT_K) -> np.ndarray:

@@ -2,7 +2,8 @@
 
   results.json  {command, config, seeds, pretrain: {tv_target, outside}, total_s, cpu_s,
                  runs: [{mode, method, seed, metrics: {accuracy, tv_target, tv_filtered,
-                 h_correct, h_correct_base, modes_kept, distinct_correct_k, outside},
+                 h_correct, h_correct_base, modes_kept, distinct_correct_k, outside,
+                 dropped},
                  trajectory: {update, accuracy, h_correct, tv_target}}]}
   results.md    mean ± std over seeds, one row per mode x method.
   fig_<method>.png  per prompt type the final distribution over the 100 responses (seed 0,
@@ -11,7 +12,8 @@
 
 Metrics: `lad_jax.seq_bandit_metrics` (accuracy counts mass outside the 100 as incorrect; the
 rest renormalise over the 100; distinct_correct_k is the exact expectation for k = 16 samples;
-modes_kept is summed over the prompt types).
+modes_kept is summed over the prompt types; dropped counts, summed over the prompt types, the
+correct answers whose probability fell below 0.1 x pi_old's in the last phase).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from lad_jax import seq_bandit_metrics as metrics_lib
 COLUMNS = (("accuracy", "accuracy"), ("tv_target", "TV(pi,pi*)"),
            ("tv_filtered", "TV(pi,filtered)"), ("h_correct", "H(pi+)"),
            ("h_ratio", "H(pi+)/H(pi0+)"), ("modes_kept", "modes kept"),
-           ("distinct_correct_k", "distinct correct@16"), ("outside", "outside mass"))
+           ("distinct_correct_k", "distinct correct@16"), ("outside", "outside mass"),
+           ("dropped", "correct dropped, last phase"))
 
 
 def plan(methods: Sequence[str], modes: Sequence[str], *, eta: float) -> list[tuple[list[str], str]]:
@@ -49,6 +52,7 @@ def run_records(setup: seq_bandit.Setup, r: seq_bandit.RunResult) -> list[dict[s
   """One results.json record per seed of a run."""
   c, correct = setup.config, setup.task.correct_PY
   pi0, _ = metrics_lib.probabilities(seq_bandit.seq_logp(setup.logp0_SNL))
+  last_phase_start = (c.phases - 1) * c.steps_per_phase // c.log_every  # its pi_old's log point
   records = []
   for s, seed in enumerate(setup.seeds):
     filtered = metrics_lib.filtered_target(pi0[s], correct)
@@ -58,6 +62,9 @@ def run_records(setup: seq_bandit.Setup, r: seq_bandit.RunResult) -> list[dict[s
     metrics = snaps[-1]._asdict()
     metrics["h_correct_base"] = float(metrics_lib.h_correct(pi0[s], correct).mean())
     metrics["h_ratio"] = metrics["h_correct"] / metrics["h_correct_base"]
+    old, _ = metrics_lib.probabilities(r.seq_logp[s, last_phase_start])
+    end, _ = metrics_lib.probabilities(r.seq_logp[s, -1])
+    metrics["dropped"] = float(metrics_lib.dropped(end, old, correct).sum())
     records.append({
         "mode": r.mode, "method": r.method, "seed": seed, "metrics": metrics,
         "trajectory": {"update": [i * c.log_every for i in range(len(snaps))],

@@ -490,6 +490,25 @@ def test_theoretical_value_gradient_and_masking(name):
   assert value[2] == 0.0 and np.all(grad[2] == 0.0)
 
 
+@pytest.mark.parametrize("log_ratio", [-10.0, -20.0])
+def test_theoretical_pull_back_on_a_dropped_action(log_ratio):
+  # Action 0 is right (P_A = 0.4) but has fallen to P_pi ~ e^log_ratio. Reverse KL pulls it back
+  # with its whole target mass: g_0 = P_pi - P_A (f' = -1/x makes sum_k P_k f'(x_k) = -1). JS's
+  # pull, P_pi (f'(x_0) - E f'), vanishes like P_pi log P_pi: a mode JS has dropped stays dropped.
+  # (This is why theoretical LAD-JS loses correct answers on the sequence bandit; see README.)
+  adv = jnp.log(jnp.asarray([0.4, 0.4, 0.1, 0.1]))
+  logp = jnp.asarray([log_ratio, 0.0, 0.0, 0.0])
+  grad = lambda div: jax.grad(lambda lp: lad.theoretical(lp, jnp.zeros(4), adv, divergence=div))
+  p_pi = jax.nn.softmax(logp)
+  np.testing.assert_allclose(grad("rkl")(logp)[0], p_pi[0] - 0.4, rtol=1e-5)
+  js_pull = -grad("js")(logp)[0]
+  assert 0.0 < js_pull < 1e-3 * 0.4
+  _, f_prime = REFERENCE["js"]
+  x = np.asarray(p_pi, np.float64) / np.asarray([0.4, 0.4, 0.1, 0.1])
+  want = p_pi[0] * (f_prime(x[0]) - (np.asarray(p_pi) * f_prime(x)).sum())
+  np.testing.assert_allclose(-js_pull, want, rtol=1e-4)
+
+
 def test_theoretical_registered_loss_is_mean_over_rows_and_rejects_sequence_advantages():
   rng = np.random.default_rng(9)
   f32 = lambda *s: jnp.asarray(rng.normal(size=s), jnp.float32)
