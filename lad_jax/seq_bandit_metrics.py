@@ -64,13 +64,15 @@ def modes_kept(pi_PY, correct_PY, *, floor: float = MODE_FLOOR) -> np.ndarray:
   return (correct_part(pi_PY, correct_PY) >= floor).sum(axis=-1).astype(np.float64)
 
 
-def dropped(pi_PY, old_PY, correct_PY, *, factor: float = DROP_FACTOR) -> np.ndarray:
-  """Correct answers that lost most of their probability within a phase, [..., P] (as float):
-  pi(y) < factor pi_old(y). pi* never drops one here: a binary reward gives every correct answer
-  the top advantage, so pi*/pi_old is the same for all of them, and >= 1. A method that drops one
-  has lost a mode."""
+def modes_dropped(pi_PY, old_PY, correct_PY, *, floor: float = MODE_FLOOR,
+                  factor: float = DROP_FACTOR) -> np.ndarray:
+  """Modes of pi_old (correct answers with >= floor of its correct mass) that lost most of their
+  probability within a phase, pi(y) < factor pi_old(y); [..., P] (as float). pi* never drops one
+  here: a binary reward gives every correct answer the top advantage, so pi*/pi_old is the same
+  for all of them, and >= 1."""
+  mode = correct_part(old_PY, correct_PY) >= floor
   lost = np.asarray(pi_PY, np.float64) < factor * np.asarray(old_PY, np.float64)
-  return (lost & np.asarray(correct_PY, bool)).sum(axis=-1).astype(np.float64)
+  return (lost & mode).sum(axis=-1).astype(np.float64)
 
 
 def distinct_correct(pi_PY, correct_PY, *, k: int = DISTINCT_K) -> np.ndarray:

@@ -3,7 +3,7 @@
   results.json  {command, config, seeds, pretrain: {tv_target, outside}, total_s, cpu_s,
                  runs: [{mode, method, seed, metrics: {accuracy, tv_target, tv_filtered,
                  h_correct, h_correct_base, modes_kept, distinct_correct_k, outside,
-                 dropped},
+                 modes_dropped},
                  trajectory: {update, accuracy, h_correct, tv_target}}]}
   results.md    mean ± std over seeds, one row per mode x method.
   fig_<method>.png  per prompt type the final distribution over the 100 responses (seed 0,
@@ -12,8 +12,8 @@
 
 Metrics: `lad_jax.seq_bandit_metrics` (accuracy counts mass outside the 100 as incorrect; the
 rest renormalise over the 100; distinct_correct_k is the exact expectation for k = 16 samples;
-modes_kept is summed over the prompt types; dropped counts, summed over the prompt types, the
-correct answers whose probability fell below 0.1 x pi_old's in the last phase).
+modes_kept is summed over the prompt types; modes_dropped counts, summed over the prompt types,
+the modes of the last phase's pi_old whose probability fell below 0.1 x pi_old's in that phase).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ COLUMNS = (("accuracy", "accuracy"), ("tv_target", "TV(pi,pi*)"),
            ("tv_filtered", "TV(pi,filtered)"), ("h_correct", "H(pi+)"),
            ("h_ratio", "H(pi+)/H(pi0+)"), ("modes_kept", "modes kept"),
            ("distinct_correct_k", "distinct correct@16"), ("outside", "outside mass"),
-           ("dropped", "correct dropped, last phase"))
+           ("modes_dropped", "modes dropped, last phase"))
 
 
 def plan(methods: Sequence[str], modes: Sequence[str], *, eta: float) -> list[tuple[list[str], str]]:
@@ -64,7 +64,7 @@ def run_records(setup: seq_bandit.Setup, r: seq_bandit.RunResult) -> list[dict[s
     metrics["h_ratio"] = metrics["h_correct"] / metrics["h_correct_base"]
     old, _ = metrics_lib.probabilities(r.seq_logp[s, last_phase_start])
     end, _ = metrics_lib.probabilities(r.seq_logp[s, -1])
-    metrics["dropped"] = float(metrics_lib.dropped(end, old, correct).sum())
+    metrics["modes_dropped"] = float(metrics_lib.modes_dropped(end, old, correct).sum())
     records.append({
         "mode": r.mode, "method": r.method, "seed": seed, "metrics": metrics,
         "trajectory": {"update": [i * c.log_every for i in range(len(snaps))],

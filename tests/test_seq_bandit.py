@@ -101,10 +101,15 @@ def test_metrics_on_hand_made_distributions():
   np.testing.assert_allclose(metrics_lib.h_correct(pi, correct), -(plus * np.log(plus)).sum())
   assert metrics_lib.modes_kept(pi, correct) == 2
   old = np.zeros(Y)
-  old[[3, 7, 11, 50]] = [0.2, 0.61, 0.03, 0.16]  # answer 7 fell to 0.3 / 0.61; 11 to 0.004 / 0.03
-  assert metrics_lib.dropped(pi, old, correct) == 0
-  old[11] = 0.041  # 0.004 < 0.1 * 0.041: dropped (answer 50 is wrong: never counted)
-  assert metrics_lib.dropped(pi, old, correct) == 1
+  old[[3, 7, 11, 50]] = [0.2, 0.61, 0.03, 0.16]  # 7 fell to 0.3 / 0.61 (kept), 11 to 0.004 / 0.03
+  assert metrics_lib.modes_dropped(pi, old, correct) == 0
+  old[11] = 0.041  # 0.004 < 0.1 * 0.041: a mode (0.041 / 0.851 >= 1%) dropped
+  assert metrics_lib.modes_dropped(pi, old, correct) == 1
+  old[[3, 7]] = [2.9, 2.5]  # now 11 holds 0.041 / 5.441 < 1% of the correct mass: not a mode
+  assert metrics_lib.modes_dropped(pi, old, correct) == 0
+  old[[3, 7, 11]] = [0.2, 0.61, 0.041]
+  old[50] = 100.0  # a wrong answer's mass does not make 11 less of a mode
+  assert metrics_lib.modes_dropped(pi, old, correct) == 1
   np.testing.assert_allclose(metrics_lib.distinct_correct(pi, correct, k=2),
                              2 * (1 - 0.7 ** 2) + (1 - 0.996 ** 2))
   uniform = np.full(Y, 1 / Y)
@@ -124,6 +129,6 @@ def test_results_json_schema(setup, exact_runs, tmp_path):
   (run,) = data["runs"]
   assert {run["mode"], run["method"], run["seed"]} == {"exact", "lad_seq_js", 0}
   assert {"accuracy", "tv_target", "tv_filtered", "h_correct", "h_correct_base", "modes_kept",
-          "distinct_correct_k", "dropped"} <= set(run["metrics"])
+          "distinct_correct_k", "modes_dropped"} <= set(run["metrics"])
   assert len(run["trajectory"]["accuracy"]) == len(run["trajectory"]["update"]) == 3
   assert "| exact | lad_seq_js |" in (tmp_path / "results.md").read_text()
