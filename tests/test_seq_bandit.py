@@ -27,9 +27,14 @@ def setup():
 
 @pytest.fixture(scope="module")
 def exact_runs(setup):
-  """Theoretical LAD-JS and sequence-ratio LAD-KL / LAD-JS (one program), exact mode."""
+  """Theoretical LAD-JS and sequence-ratio LAD-KL / LAD-reverse-KL (one program), exact mode.
+
+  Not sequence-ratio LAD-JS: JS can drop a mode and not restore it (its pull back vanishes, see
+  the README), and whether it does here depends on pi_0 down to float rounding: a change of the
+  MLP's backward pass, its gradients equal up to rounding, moved pi_0 and made it drop two; reverse
+  KL and Hellinger reached pi* from both pi_0s."""
   runs = seq_bandit.run_group(setup, ["lad_theoretical_js"], "exact")
-  runs += seq_bandit.run_group(setup, ["lad_seq_kl", "lad_seq_js"], "exact")
+  runs += seq_bandit.run_group(setup, ["lad_seq_kl", "lad_seq_rkl"], "exact")
   return {r.method: r for r in runs}
 
 
@@ -86,7 +91,7 @@ def test_theoretical_lad_reaches_pi_star(exact_runs):
   assert _final_tv(exact_runs["lad_theoretical_js"]) <= 0.03
 
 
-@pytest.mark.parametrize("name", ["lad_seq_kl", "lad_seq_js"])
+@pytest.mark.parametrize("name", ["lad_seq_kl", "lad_seq_rkl"])
 def test_sequence_level_lad_reaches_pi_star(exact_runs, name):
   assert _final_tv(exact_runs[name]) <= 0.03
 
@@ -121,14 +126,14 @@ def test_metrics_on_hand_made_distributions():
 
 
 def test_results_json_schema(setup, exact_runs, tmp_path):
-  records = report.run_records(setup, exact_runs["lad_seq_js"])
+  records = report.run_records(setup, exact_runs["lad_seq_rkl"])
   summary = {"command": "test", "seeds": [0], "pretrain": report._pretrain_summary(setup),
              "total_s": 0.0, "cpu_s": 0.0, "runs": records}
   report._write(str(tmp_path), summary, records)
   data = json.loads((tmp_path / "results.json").read_text())
   (run,) = data["runs"]
-  assert {run["mode"], run["method"], run["seed"]} == {"exact", "lad_seq_js", 0}
+  assert {run["mode"], run["method"], run["seed"]} == {"exact", "lad_seq_rkl", 0}
   assert {"accuracy", "tv_target", "tv_filtered", "h_correct", "h_correct_base", "modes_kept",
           "distinct_correct_k", "modes_dropped"} <= set(run["metrics"])
   assert len(run["trajectory"]["accuracy"]) == len(run["trajectory"]["update"]) == 3
-  assert "| exact | lad_seq_js |" in (tmp_path / "results.md").read_text()
+  assert "| exact | lad_seq_rkl |" in (tmp_path / "results.md").read_text()
