@@ -142,11 +142,9 @@ def test_memory_hog_meets_rlimit_as(name):
   # The deadline is generous because writing pages is slow while another process (an xdist
   # worker) is allocating; a CI run once needed more than 2 s to write 490 MiB.
   with CodeVerifier(workers=1, timeout_s=30.0, memory_mb=128) as v:
-    result, elapsed = _timed_score(v, MEMORY_HOGS[name])
-    (ok,) = v.score_programs([GOOD_ADD], [ADD_TESTS])
+    result, ok = v.score_programs([MEMORY_HOGS[name], GOOD_ADD], [ADD_TESTS, ADD_TESTS])
   assert (result.correct, result.reward, result.reason) == (False, 0.0, "failed"), result
   assert "MemoryError" in result.details, result
-  assert elapsed < 30.0, elapsed
   assert ok.correct, ok
   _assert_no_leftover_processes()
 
