@@ -8,9 +8,9 @@ A tiny random Qwen2 (`lad_jax.models.testing.tiny_config`: 2 layers, hidden 64, 
 decode step is nearly all KV-cache reads), or with `--model small` one whose weights weigh about
 what a step's KV reads do, as in a 7B model at thousands of tokens (4 layers, hidden 256, 4
 heads over 1 kv head of 64, MLP 768, vocab 8192: 5M parameters, 2 KB of cache per token),
-`rows` rows (prompts of `prompt_len` tokens
-x G `group`), no EOS: every row's length is forced (`row_limits`) and drawn once from a lognormal
-with mean 0.3 x max_new (sigma 1, clipped to [1, max_new]), the long tail of RLVR responses.
+`rows` rows (prompts of `prompt_len` tokens x G `group`), no EOS: every row's length is forced
+(`row_limits`) and drawn once from a lognormal with mean 0.3 x max_new (sigma 1, clipped to
+[1, max_new]), the long tail of RLVR responses.
 Both samplers decode `slots` rows at a time and produce the same rows (tests/test_continuous.py):
   lock step   `Sampler(rows_per_call=slots)`: chunks of `slots` rows, each decoded until its
               longest row ends;

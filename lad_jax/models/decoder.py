@@ -31,10 +31,10 @@ reading it (no per-step copy of the layer's cache out of a stacked one; see
 only written slots (`decode_attention`: each row its own blocks, or the prefix window of the
 longest row, `cfg.decode_attention`), and the stacked cache is a carry of the layer scan that
 each layer writes, then reads (`Decoder._scanned_cached_layers`); 0 = the whole bucket, as
-described above. The caller must keep index + T <= S (static shapes inside jit cannot raise). `KVCache.repeat(G)` copies
-each prompt's cache to G samples. Without a cache (or with an empty one), the tokens attend
-among themselves through `lad_jax.models.attention` (`cfg.attention_impl`), by segment ids:
-no [T, T] mask.
+described above. The caller must keep index + T <= S (static shapes inside jit cannot raise).
+`KVCache.repeat(G)` copies each prompt's cache to G samples. Without a cache (or with an empty
+one), the tokens attend among themselves through `lad_jax.models.attention`
+(`cfg.attention_impl`), by segment ids: no [T, T] mask.
 
 Precision: parameters in `cfg.param_dtype`, matmuls in `cfg.dtype` with float32 accumulation
 (the projections' results, forward and backward, rounded to `cfg.dtype`; attention scores and
